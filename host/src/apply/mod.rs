@@ -1,0 +1,447 @@
+//! The apply stage: the thread that feeds committed entries, in log order, to the tenants'
+//! modules and answers the clients waiting for them.
+//!
+//! It runs apart from the Raft loop so that a slow module never delays consensus. Inputs arrive
+//! on one ordered channel: the Raft loop registers a proposal's waiter ([`ApplyInput::Track`])
+//! before the entry can commit, then hands over committed entries; the client API asks for
+//! queries and digests on the same channel, so a read runs against a well-defined applied index.
+//!
+//! Invariant: `applied` only grows, and every op at a position up to `applied` has been applied
+//! to its tenant exactly once (or is covered by the tenant's checkpoint).
+//! Invariant: a waiter is answered exactly once: with its op's outcome when the entry at its
+//! index carries its proposal id, with a definite `Superseded` error when another entry took
+//! the index, or with an indeterminate error when the node stops first.
+
+mod tenant;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crossbeam_channel::Receiver;
+use prost::Message as _;
+use raft::eraftpb::{Entry, EntryType};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::oneshot;
+use wraft_proto::client::module_error::Kind;
+use wraft_proto::log::{op, Op, ProposalId, TenantCheckpoint};
+
+use tenant::{Env, Tenant};
+pub use tenant::{OpOutcome, OpPos};
+
+use crate::envelope;
+use crate::storage::StateStore;
+use crate::wasm::{Limits, Module, Runtime};
+use crate::Error;
+
+/// The result of an applied op, or of a query, with the index it describes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub index: u64,
+    pub outcome: OpOutcome,
+}
+
+/// What the apply stage is asked to do.
+pub enum ApplyInput {
+    /// Committed entries, in log order.
+    Committed(Vec<Entry>),
+    /// Proposals whose entries are in the log but not yet applied.
+    Track(Vec<Waiter>),
+    /// A query to run once the applied index reaches `min_index`.
+    Query(QueryTask),
+    /// A hash of a tenant's state.
+    Digest(DigestTask),
+    /// Checkpoint what changed, then stop.
+    Shutdown,
+}
+
+/// A client waiting for its op to apply.
+pub struct Waiter {
+    pub index: u64,
+    pub position: u32,
+    pub id: ProposalId,
+    pub reply: oneshot::Sender<Result<Applied, Error>>,
+}
+
+pub struct QueryTask {
+    pub tenant: String,
+    pub query: Vec<u8>,
+    pub min_index: u64,
+    pub reply: oneshot::Sender<Result<Applied, Error>>,
+}
+
+pub struct DigestTask {
+    pub tenant: String,
+    pub reply: oneshot::Sender<Result<DigestInfo, Error>>,
+}
+
+/// A tenant's state hash on this node.
+#[derive(Debug, Clone)]
+pub struct DigestInfo {
+    pub index: u64,
+    pub state_hash: String,
+    pub module_hash: String,
+}
+
+/// What the rest of the node may read about applied state without asking the stage.
+#[derive(Debug, Clone, Default)]
+pub struct AppliedView {
+    pub applied: u64,
+    /// Per tenant: module hash (hex) and the index of the last entry that changed it.
+    pub tenants: BTreeMap<String, (String, u64)>,
+    /// Set when the stage stopped applying (an entry it cannot read): the node must be upgraded
+    /// or repaired; it will not diverge silently.
+    pub halted: Option<String>,
+}
+
+pub type SharedView = Arc<RwLock<AppliedView>>;
+
+/// Compiled modules by hash, shared with the client API so that the leader's validation
+/// compile is reused at apply.
+pub type ModuleCache = Arc<Mutex<HashMap<[u8; 32], Module>>>;
+
+/// The apply stage's state; owned by its thread.
+pub struct ApplyStage {
+    runtime: Runtime,
+    limits: Limits,
+    store: StateStore,
+    modules: ModuleCache,
+    tenants: BTreeMap<String, Tenant>,
+    waiters: BTreeMap<u64, Vec<Waiter>>,
+    parked: BTreeMap<u64, Vec<QueryTask>>,
+    applied: u64,
+    /// The position of the last op applied; checkpoints at shutdown are taken there.
+    last_pos: OpPos,
+    view: SharedView,
+    halted: Option<String>,
+}
+
+impl ApplyStage {
+    /// Loads every tenant from its checkpoint. Returns the stage and the index raft must
+    /// consider applied: entries after it are delivered again and replayed into the tenants
+    /// whose checkpoints do not cover them.
+    pub fn open(
+        runtime: Runtime,
+        limits: Limits,
+        store: StateStore,
+        modules: ModuleCache,
+        view: SharedView,
+    ) -> Result<(Self, u64), crate::storage::StorageError> {
+        let mut tenants = BTreeMap::new();
+        let env = Env {
+            runtime: &runtime,
+            limits: &limits,
+            store: &store,
+        };
+        let mut replay_from: Option<u64> = None;
+        for (name, bytes) in store.checkpoints()? {
+            let cp = TenantCheckpoint::decode(bytes.as_slice()).map_err(|e| {
+                crate::storage::StorageError::Corrupt(format!("checkpoint of tenant {name}: {e}"))
+            })?;
+            let at = cp.index;
+            match Tenant::load(&env, cp) {
+                Ok(t) => {
+                    replay_from = Some(replay_from.map_or(at, |r: u64| r.min(at)));
+                    tenants.insert(name, t);
+                }
+                Err(err) => {
+                    return Err(crate::storage::StorageError::Corrupt(err.to_string()));
+                }
+            }
+        }
+        // The checkpoint's own entry is delivered again: ops after its position in it apply.
+        let raft_applied = replay_from.map_or(0, |i| i.saturating_sub(1));
+        let stage = ApplyStage {
+            runtime,
+            limits,
+            store,
+            modules,
+            tenants,
+            waiters: BTreeMap::new(),
+            parked: BTreeMap::new(),
+            applied: raft_applied,
+            last_pos: (raft_applied, 0),
+            view,
+            halted: None,
+        };
+        stage.publish();
+        tracing::info!(
+            tenants = stage.tenants.len(),
+            replay_from = raft_applied + 1,
+            "apply stage loaded its checkpoints"
+        );
+        Ok((stage, raft_applied))
+    }
+
+    /// Runs until [`ApplyInput::Shutdown`] or until every sender is gone.
+    pub fn run(mut self, inbox: Receiver<ApplyInput>) {
+        while let Ok(input) = inbox.recv() {
+            match input {
+                ApplyInput::Committed(entries) => {
+                    for entry in entries {
+                        self.apply_entry(entry);
+                    }
+                    self.publish();
+                    self.serve_parked();
+                    self.waiters.retain(|_, ws| {
+                        ws.retain(|w| !w.reply.is_closed());
+                        !ws.is_empty()
+                    });
+                }
+                ApplyInput::Track(waiters) => {
+                    for w in waiters {
+                        if w.index <= self.applied {
+                            let _ = w.reply.send(Err(Error::Superseded { index: w.index }));
+                        } else {
+                            self.waiters.entry(w.index).or_default().push(w);
+                        }
+                    }
+                }
+                ApplyInput::Query(task) => {
+                    if task.min_index <= self.applied {
+                        self.run_query(task);
+                    } else {
+                        self.parked.entry(task.min_index).or_default().push(task);
+                    }
+                }
+                ApplyInput::Digest(task) => self.digest(task),
+                ApplyInput::Shutdown => break,
+            }
+        }
+        self.shutdown();
+    }
+
+    fn apply_entry(&mut self, entry: Entry) {
+        if self.halted.is_some() {
+            return;
+        }
+        let index = entry.index;
+        let ops: Vec<Op> =
+            if entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty() {
+                match envelope::decode(&entry.data) {
+                    Ok(e) => e.ops,
+                    Err(err) => {
+                        let why = format!("cannot apply log entry {index}: {err}");
+                        tracing::error!("{why}; this node stops applying rather than diverge");
+                        self.halted = Some(why);
+                        return;
+                    }
+                }
+            } else {
+                // Empty entries (a new leader's) and conf changes change no tenant.
+                Vec::new()
+            };
+        let mut outcomes = Vec::with_capacity(ops.len());
+        for (pos, op) in ops.iter().enumerate() {
+            let at = (index, pos as u32);
+            outcomes.push(self.apply_op(at, op));
+            self.last_pos = at;
+        }
+        self.applied = index;
+        // Answer every waiter up to this index: an index is applied once, in order, so a waiter
+        // still here after its index is applied lost it to another entry.
+        while let Some((&waiting_index, _)) = self.waiters.first_key_value() {
+            if waiting_index > index {
+                break;
+            }
+            let Some((_, waiters)) = self.waiters.pop_first() else {
+                break;
+            };
+            for w in waiters {
+                let mine = (waiting_index == index)
+                    .then(|| ops.get(w.position as usize))
+                    .flatten()
+                    .filter(|op| op.id.as_ref() == Some(&w.id))
+                    .and_then(|_| outcomes.get(w.position as usize).cloned().flatten());
+                let answer = match mine {
+                    Some(outcome) => Ok(Applied { index, outcome }),
+                    None => Err(Error::Superseded {
+                        index: waiting_index,
+                    }),
+                };
+                let _ = w.reply.send(answer);
+            }
+        }
+    }
+
+    /// Applies one op. `None` when the tenant's checkpoint already covers it (a replay after
+    /// restart).
+    fn apply_op(&mut self, at: OpPos, op: &Op) -> Option<OpOutcome> {
+        if let Some(t) = self.tenants.get(&op.tenant) {
+            if at <= t.checkpoint_pos() {
+                return None;
+            }
+        }
+        let outcome = match &op.kind {
+            Some(op::Kind::Deploy(deploy)) => {
+                self.deploy(at, &op.tenant, &deploy.wasm, &deploy.module_hash)
+            }
+            Some(op::Kind::Command(cmd)) => {
+                let env = Env {
+                    runtime: &self.runtime,
+                    limits: &self.limits,
+                    store: &self.store,
+                };
+                match self.tenants.get_mut(&op.tenant) {
+                    Some(tenant) => tenant.exec(&env, at, cmd),
+                    None => OpOutcome::Failed {
+                        kind: Kind::UnknownTenant,
+                        message: format!("tenant `{}` does not exist", op.tenant),
+                    },
+                }
+            }
+            None => OpOutcome::Failed {
+                kind: Kind::Rejected,
+                message: "empty op".into(),
+            },
+        };
+        Some(outcome)
+    }
+
+    fn deploy(&mut self, at: OpPos, name: &str, wasm: &[u8], expected_hash: &[u8]) -> OpOutcome {
+        let module = match self.module(wasm) {
+            Ok(m) => m,
+            Err(message) => {
+                return OpOutcome::Failed {
+                    kind: Kind::Rejected,
+                    message: format!("deploy tenant {name}: {message}"),
+                }
+            }
+        };
+        if module.hash().as_slice() != expected_hash {
+            return OpOutcome::Failed {
+                kind: Kind::Rejected,
+                message: format!("deploy tenant {name}: module hash does not match the proposal"),
+            };
+        }
+        let env = Env {
+            runtime: &self.runtime,
+            limits: &self.limits,
+            store: &self.store,
+        };
+        match self.tenants.get_mut(name) {
+            Some(tenant) => tenant.upgrade(&env, module, wasm, at),
+            None => match Tenant::create(&env, name, module, wasm, at) {
+                Ok(tenant) => {
+                    let out = OpOutcome::Output(tenant.module_hash_hex().into_bytes());
+                    self.tenants.insert(name.to_string(), tenant);
+                    tracing::info!(tenant = name, index = at.0, "tenant created");
+                    out
+                }
+                Err(outcome) => outcome,
+            },
+        }
+    }
+
+    /// The compiled module for these bytes, from the cache when the leader's validation (or an
+    /// earlier deploy) compiled it already.
+    fn module(&mut self, wasm: &[u8]) -> Result<Module, String> {
+        let hash: [u8; 32] = Sha256::digest(wasm).into();
+        if let Ok(cache) = self.modules.lock() {
+            if let Some(m) = cache.get(&hash) {
+                return Ok(m.clone());
+            }
+        }
+        let module = self
+            .runtime
+            .compile(wasm, &self.limits)
+            .map_err(|e| e.to_string())?;
+        if let Ok(mut cache) = self.modules.lock() {
+            cache.insert(hash, module.clone());
+        }
+        Ok(module)
+    }
+
+    fn run_query(&mut self, task: QueryTask) {
+        let env = Env {
+            runtime: &self.runtime,
+            limits: &self.limits,
+            store: &self.store,
+        };
+        let answer = match self.tenants.get_mut(&task.tenant) {
+            Some(tenant) => Ok(Applied {
+                index: self.applied,
+                outcome: tenant.query(&env, self.applied, &task.query),
+            }),
+            None => Err(Error::UnknownTenant(task.tenant)),
+        };
+        let _ = task.reply.send(answer);
+    }
+
+    fn serve_parked(&mut self) {
+        while let Some((&min_index, _)) = self.parked.first_key_value() {
+            if min_index > self.applied {
+                break;
+            }
+            if let Some((_, tasks)) = self.parked.pop_first() {
+                for task in tasks {
+                    self.run_query(task);
+                }
+            }
+        }
+    }
+
+    fn digest(&mut self, task: DigestTask) {
+        let env = Env {
+            runtime: &self.runtime,
+            limits: &self.limits,
+            store: &self.store,
+        };
+        let answer = match self.tenants.get_mut(&task.tenant) {
+            None => Err(Error::UnknownTenant(task.tenant)),
+            Some(tenant) => tenant
+                .snapshot(&env, self.applied)
+                .map(|snapshot| DigestInfo {
+                    index: tenant.last_index(),
+                    state_hash: hex::encode(Sha256::digest(&snapshot)),
+                    module_hash: tenant.module_hash_hex(),
+                })
+                .map_err(|e| {
+                    Error::FailedPrecondition(format!(
+                        "digest of tenant {}: snapshot failed: {e}",
+                        task.tenant
+                    ))
+                }),
+        };
+        let _ = task.reply.send(answer);
+    }
+
+    fn publish(&self) {
+        if let Ok(mut view) = self.view.write() {
+            view.applied = self.applied;
+            view.halted = self.halted.clone();
+            view.tenants = self
+                .tenants
+                .iter()
+                .map(|(name, t)| (name.clone(), (t.module_hash_hex(), t.last_index())))
+                .collect();
+        }
+    }
+
+    /// Checkpoints every tenant that changed, so a restart replays little, and answers what is
+    /// still waiting: the node stops before those ops are known to be applied.
+    fn shutdown(mut self) {
+        let env = Env {
+            runtime: &self.runtime,
+            limits: &self.limits,
+            store: &self.store,
+        };
+        let at = self.last_pos;
+        for tenant in self.tenants.values_mut() {
+            tenant.checkpoint_if_dirty(&env, at);
+        }
+        if let Err(err) = self.store.flush() {
+            tracing::error!(%err, "flushing state at shutdown failed");
+        }
+        for (_, waiters) in std::mem::take(&mut self.waiters) {
+            for w in waiters {
+                let _ = w.reply.send(Err(Error::Interrupted));
+            }
+        }
+        for (_, tasks) in std::mem::take(&mut self.parked) {
+            for t in tasks {
+                let _ = t.reply.send(Err(Error::ShuttingDown));
+            }
+        }
+        tracing::info!(applied = self.applied, "apply stage stopped");
+    }
+}

@@ -1,0 +1,76 @@
+//! `wraft deploy` and `wraft exec`: the two write commands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use wraft_proto::client::exec_response::Outcome;
+
+use super::{fail, module_failed, print_output, Endpoints};
+use crate::client::Client;
+
+#[derive(clap::Args, Debug)]
+pub struct DeployArgs {
+    #[command(flatten)]
+    endpoints: Endpoints,
+    #[arg(long)]
+    tenant: String,
+    /// The module, built for wasm32-unknown-unknown.
+    file: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    endpoints: Endpoints,
+    #[arg(long)]
+    tenant: String,
+    /// Session id for exactly-once retries (with --seq).
+    #[arg(long, requires = "seq")]
+    client_id: Option<String>,
+    /// Sequence number within the session; retry with the same number after an indeterminate error.
+    #[arg(long, requires = "client_id")]
+    seq: Option<u64>,
+    /// The command, passed to the module as bytes.
+    command: String,
+}
+
+pub async fn deploy(args: DeployArgs) -> ExitCode {
+    let wasm = match std::fs::read(&args.file) {
+        Ok(w) => w,
+        Err(err) => {
+            eprintln!("error: read {}: {err}", args.file.display());
+            return ExitCode::from(2);
+        }
+    };
+    match Client::new(args.endpoints.endpoints)
+        .deploy(&args.tenant, wasm)
+        .await
+    {
+        Ok(resp) => {
+            println!("{}", resp.module_hash);
+            ExitCode::SUCCESS
+        }
+        Err(err) => fail(&err, true),
+    }
+}
+
+pub async fn exec(args: ExecArgs) -> ExitCode {
+    let session = args.client_id.zip(args.seq);
+    match Client::new(args.endpoints.endpoints)
+        .exec(&args.tenant, args.command.into_bytes(), session)
+        .await
+    {
+        Ok(resp) => match resp.outcome {
+            Some(Outcome::Output(out)) => {
+                print_output(&out);
+                ExitCode::SUCCESS
+            }
+            Some(Outcome::Error(err)) => module_failed(&err),
+            None => {
+                eprintln!("error: the node sent an empty answer");
+                ExitCode::from(super::EXIT_INDETERMINATE)
+            }
+        },
+        Err(err) => fail(&err, true),
+    }
+}

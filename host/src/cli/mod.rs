@@ -1,0 +1,119 @@
+//! The `wraft` command line: one file per command, each parse → act → print.
+//!
+//! Exit codes are a contract: 0 success; 2 usage; 3 definite failure (nothing applied, or the
+//! module's own error); 4 indeterminate (the command may have been applied).
+
+mod digest;
+mod exec;
+mod query;
+mod serve;
+mod status;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::client::ClientError;
+use crate::error::Outcome;
+
+/// A Raft cluster whose replicated state machines are WebAssembly modules.
+#[derive(Parser, Debug)]
+#[command(name = "wraft", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where a client command sends its request: HOST:PORT, comma-separated, tried in order.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Endpoints {
+    #[arg(
+        long,
+        env = "WRAFT_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7001"
+    )]
+    endpoints: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a node.
+    Serve(serve::Args),
+    /// Deploy (or upgrade) a tenant's module; prints the module hash.
+    Deploy(exec::DeployArgs),
+    /// Replicate a command; prints what the module's `apply` returned.
+    Exec(exec::ExecArgs),
+    /// Run a query; prints what the module's `query` returned.
+    Query(query::Args),
+    /// Show each endpoint's role, term and indexes.
+    Status(status::Args),
+    /// Show each endpoint's hash of a tenant's state, to compare replicas.
+    Digest(digest::Args),
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json_logs = matches!(&cli.command, Command::Serve(a) if a.log_json);
+    crate::logging::init(json_logs);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Deploy(args) => exec::deploy(args).await,
+            Command::Exec(args) => exec::exec(args).await,
+            Command::Query(args) => query::run(args).await,
+            Command::Status(args) => status::run(args).await,
+            Command::Digest(args) => digest::run(args).await,
+        }
+    })
+}
+
+/// Exit code 3: a definite failure.
+pub const EXIT_DEFINITE: u8 = 3;
+/// Exit code 4: an indeterminate failure.
+pub const EXIT_INDETERMINATE: u8 = 4;
+
+/// Prints a client error on one line and picks the exit code from its outcome.
+fn fail(err: &ClientError, write: bool) -> ExitCode {
+    let outcome = err.outcome(write);
+    let (code, label) = match outcome {
+        Outcome::Definite => (EXIT_DEFINITE, "not applied"),
+        Outcome::Indeterminate => (EXIT_INDETERMINATE, "may have been applied"),
+    };
+    match err {
+        ClientError::Status(s) if write => {
+            eprintln!("error ({:?}, {label}): {}", s.code(), s.message())
+        }
+        ClientError::Status(s) => eprintln!("error ({:?}): {}", s.code(), s.message()),
+        other => eprintln!("error: {other}"),
+    }
+    ExitCode::from(code)
+}
+
+/// Prints a module's own error (or a trap) and exits 3: the command was applied with no effect.
+fn module_failed(err: &wraft_proto::client::ModuleError) -> ExitCode {
+    let kind = wraft_proto::client::module_error::Kind::try_from(err.kind)
+        .map(|k| k.as_str_name().to_ascii_lowercase())
+        .unwrap_or_else(|_| format!("kind {}", err.kind));
+    eprintln!("error ({kind}): {}", err.message);
+    ExitCode::from(EXIT_DEFINITE)
+}
+
+/// Prints module output: as text when it is UTF-8, else as hex.
+fn print_output(bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => println!("{text}"),
+        Err(_) => println!("{}", hex::encode(bytes)),
+    }
+}

@@ -1,0 +1,53 @@
+//! `wraft query`: run a read-only query.
+
+use std::process::ExitCode;
+
+use wraft_proto::client::query_response::Outcome;
+use wraft_proto::client::Consistency;
+
+use super::{fail, module_failed, print_output, Endpoints};
+use crate::client::Client;
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum Level {
+    /// Through the leader, never stale.
+    Linearizable,
+    /// From the node asked; may lag.
+    Stale,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    endpoints: Endpoints,
+    #[arg(long)]
+    tenant: String,
+    #[arg(long, value_enum, default_value = "linearizable")]
+    consistency: Level,
+    /// The query, passed to the module as bytes.
+    query: String,
+}
+
+pub async fn run(args: Args) -> ExitCode {
+    let consistency = match args.consistency {
+        Level::Linearizable => Consistency::Linearizable,
+        Level::Stale => Consistency::Stale,
+    };
+    match Client::new(args.endpoints.endpoints)
+        .query(&args.tenant, args.query.into_bytes(), consistency)
+        .await
+    {
+        Ok(resp) => match resp.outcome {
+            Some(Outcome::Output(out)) => {
+                print_output(&out);
+                ExitCode::SUCCESS
+            }
+            Some(Outcome::Error(err)) => module_failed(&err),
+            None => {
+                eprintln!("error: the node sent an empty answer");
+                ExitCode::from(super::EXIT_DEFINITE)
+            }
+        },
+        Err(err) => fail(&err, false),
+    }
+}

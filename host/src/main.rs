@@ -1,0 +1,5 @@
+//! The `wraft` binary: see [`wraft::cli`].
+
+fn main() -> std::process::ExitCode {
+    wraft::cli::main()
+}

@@ -1,0 +1,171 @@
+//! A wraft node: opens storage, starts the apply stage and the Raft loop on threads of their
+//! own, and serves the client API and peer traffic on one gRPC port until told to stop.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use raft::RawNode;
+use tokio::sync::watch;
+
+use crate::apply::{AppliedView, ApplyStage};
+use crate::raft_loop::{RaftInput, RaftLoop, RaftStatus, ELECTION_TICKS, HEARTBEAT_TICKS};
+use crate::service::{derive_cluster_id, ClientService, NodeContext};
+use crate::storage::{self, NodeIdentity};
+use crate::transport::{Membership, PeerService, Transport};
+use crate::wasm::{Limits, Runtime};
+
+/// Requests queued for the Raft loop before new ones get `RESOURCE_EXHAUSTED`.
+const RAFT_INBOX: usize = 65_536;
+
+/// Everything a node is started with.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: u64,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Initial members: id → HOST:PORT (including this node).
+    pub peers: BTreeMap<u64, String>,
+    pub request_timeout: Duration,
+}
+
+/// Runs a node until `shutdown` resolves or a fatal error stops it.
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    if config.id == 0 {
+        bail!("node id must be at least 1");
+    }
+    if !config.peers.contains_key(&config.id) {
+        bail!("--peers must include this node's own id {}", config.id);
+    }
+    let cluster_id = derive_cluster_id(&config.peers);
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
+    let voters: Vec<u64> = config.peers.keys().copied().collect();
+    let (raft_storage, state_store) = storage::open(
+        &config.data_dir,
+        NodeIdentity {
+            cluster_id,
+            node_id: config.id,
+        },
+        &voters,
+    )
+    .with_context(|| format!("open data directory {}", config.data_dir.display()))?;
+
+    let runtime = Runtime::new().context("start the wasm runtime")?;
+    let limits = Limits::default();
+    let view = Arc::new(RwLock::new(AppliedView::default()));
+    let modules = Arc::new(Mutex::new(HashMap::new()));
+    let (stage, replay_from) = ApplyStage::open(
+        runtime.clone(),
+        limits.clone(),
+        state_store,
+        modules.clone(),
+        view.clone(),
+    )
+    .context("load tenants")?;
+
+    let hard_state = raft_storage.hard_state();
+    let raft_config = raft::Config {
+        id: config.id,
+        election_tick: ELECTION_TICKS,
+        heartbeat_tick: HEARTBEAT_TICKS,
+        // Raft must deliver again what the tenants' checkpoints do not cover; it cannot be
+        // asked to start past its own commit index.
+        applied: replay_from.min(hard_state.commit),
+        max_size_per_msg: 1 << 20,
+        max_inflight_msgs: 256,
+        check_quorum: true,
+        pre_vote: true,
+        ..Default::default()
+    };
+    raft_config.validate().context("raft configuration")?;
+    let logger = crate::logging::raft_logger(config.id);
+    let raw = RawNode::new(&raft_config, raft_storage, &logger).context("start raft")?;
+
+    let (raft_tx, raft_rx) = crossbeam_channel::bounded(RAFT_INBOX);
+    let (apply_tx, apply_rx) = crossbeam_channel::unbounded();
+    let (status_tx, status_rx) = watch::channel(RaftStatus::default());
+    let members: Arc<HashMap<u64, String>> = Arc::new(config.peers.clone().into_iter().collect());
+    let transport = Transport::start(cluster_id, config.id, &members, raft_tx.clone());
+
+    let apply_thread = std::thread::Builder::new()
+        .name("apply".into())
+        .spawn(move || stage.run(apply_rx))
+        .context("spawn the apply thread")?;
+    let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel::<String>();
+    let raft_loop = RaftLoop::new(raw, raft_rx, apply_tx.clone(), transport, status_tx);
+    let raft_thread = std::thread::Builder::new()
+        .name("raft".into())
+        .spawn(move || {
+            if let Err(err) = raft_loop.run() {
+                tracing::error!(%err, "the raft loop stopped");
+                let _ = fatal_tx.send(err.to_string());
+            }
+        })
+        .context("spawn the raft thread")?;
+
+    let ctx = Arc::new(NodeContext {
+        id: config.id,
+        cluster_id,
+        raft: raft_tx.clone(),
+        apply: apply_tx,
+        raft_status: status_rx,
+        view,
+        members: members.clone(),
+        runtime,
+        limits,
+        modules,
+        request_timeout: config.request_timeout,
+    });
+    let peer_service = PeerService::new(
+        Membership {
+            cluster_id,
+            self_id: config.id,
+            members,
+        },
+        raft_tx.clone(),
+    );
+    tracing::info!(id = config.id, listen = %config.listen, cluster = format!("{cluster_id:016x}"), data_dir = %config.data_dir.display(), "wraft node starting (plain text: no TLS)");
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen on {}", config.listen))?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let (fatal_seen_tx, fatal_seen_rx) = tokio::sync::oneshot::channel::<String>();
+    let stop = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            why = fatal_rx => {
+                if let Ok(why) = why {
+                    let _ = fatal_seen_tx.send(why);
+                }
+            }
+        }
+    };
+    let served = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(ClientService::new(ctx).into_server())
+        .add_service(peer_service.into_server())
+        .serve_with_incoming_shutdown(incoming, stop)
+        .await;
+
+    // Stop the loop (which stops the apply stage after it), then wait for both threads so that
+    // checkpoints are written and RocksDB is closed before the process exits.
+    let _ = raft_tx.send(RaftInput::Shutdown);
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = raft_thread.join();
+        let _ = apply_thread.join();
+    })
+    .await;
+    served.context("serve gRPC")?;
+    if let Ok(why) = fatal_seen_rx.await {
+        bail!("node stopped: {why}");
+    }
+    Ok(())
+}

@@ -1,0 +1,488 @@
+//! The client API (`Wraft` gRPC service): decode, validate, route, act, encode.
+//!
+//! Every request is checked (tenant name, sizes) before anything is proposed. Writes and
+//! linearizable reads run on the leader: a follower forwards them over gRPC, so the leader
+//! builds every log entry. Every path answers within a bounded time: no leader within
+//! [`LEADER_WAIT`] is a definite `UNAVAILABLE`; a proposal not applied within the request
+//! timeout is an indeterminate `DEADLINE_EXCEEDED`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::{Sender, TrySendError};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+use wraft_proto::client::wraft_client::WraftClient;
+use wraft_proto::client::wraft_server::{Wraft, WraftServer};
+use wraft_proto::client::*;
+use wraft_proto::log::{self as wlog, op};
+
+use crate::apply::{
+    Applied, ApplyInput, DigestTask, ModuleCache, OpOutcome, QueryTask, SharedView,
+};
+use crate::error::{with_outcome, Outcome};
+use crate::limits::*;
+use crate::raft_loop::{Proposal, RaftInput, RaftStatus, Role as RaftRole};
+use crate::wasm::{Limits, Runtime};
+use crate::Error;
+
+/// How long a request waits for a leader to be elected before it fails.
+pub const LEADER_WAIT: Duration = Duration::from_secs(3);
+/// Marks a request forwarded by a follower, so the receiver never forwards it again.
+const FORWARDED_KEY: &str = "wraft-forwarded";
+
+/// What the client API needs from the node.
+pub struct NodeContext {
+    pub id: u64,
+    pub cluster_id: u64,
+    pub raft: Sender<RaftInput>,
+    pub apply: Sender<ApplyInput>,
+    pub raft_status: watch::Receiver<RaftStatus>,
+    pub view: SharedView,
+    pub members: Arc<HashMap<u64, String>>,
+    pub runtime: Runtime,
+    pub limits: Limits,
+    pub modules: ModuleCache,
+    pub request_timeout: Duration,
+}
+
+/// The `Wraft` service.
+pub struct ClientService {
+    ctx: Arc<NodeContext>,
+    /// One lazily connected channel per leader we forwarded to.
+    leaders: Mutex<HashMap<u64, WraftClient<Channel>>>,
+}
+
+enum Route {
+    Local,
+    Forward(u64, WraftClient<Channel>),
+}
+
+impl ClientService {
+    pub fn new(ctx: Arc<NodeContext>) -> Self {
+        Self {
+            ctx,
+            leaders: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The tonic server with deliberate message limits (a module is the largest request).
+    pub fn into_server(self) -> WraftServer<Self> {
+        WraftServer::new(self)
+            .max_decoding_message_size(CLIENT_GRPC_MESSAGE_BYTES)
+            .max_encoding_message_size(CLIENT_GRPC_MESSAGE_BYTES)
+    }
+
+    /// Decides where a leader-only request runs, waiting a bounded time for an election.
+    async fn route(&self, forwarded: bool) -> Result<Route, Error> {
+        let deadline = Instant::now() + LEADER_WAIT;
+        let mut status = self.ctx.raft_status.clone();
+        loop {
+            let (role, leader) = {
+                let s = status.borrow_and_update();
+                (s.role, s.leader)
+            };
+            if role == RaftRole::Leader && leader == self.ctx.id {
+                return Ok(Route::Local);
+            }
+            if leader != 0 && leader != self.ctx.id {
+                if forwarded {
+                    return Err(Error::NotLeader { leader });
+                }
+                return self
+                    .leader_client(leader)
+                    .map(|c| Route::Forward(leader, c));
+            }
+            match tokio::time::timeout_at(deadline, status.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return Err(Error::ShuttingDown),
+                Err(_) => return Err(Error::NoLeader(LEADER_WAIT)),
+            }
+        }
+    }
+
+    fn leader_client(&self, leader: u64) -> Result<WraftClient<Channel>, Error> {
+        let addr = self
+            .ctx
+            .members
+            .get(&leader)
+            .ok_or_else(|| Error::Internal(format!("leader {leader} has no known address")))?;
+        let mut cache = self
+            .leaders
+            .lock()
+            .map_err(|_| Error::Internal("leader client cache poisoned".into()))?;
+        if let Some(c) = cache.get(&leader) {
+            return Ok(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Error::Internal(format!("leader {leader} address {addr}: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true);
+        let client = WraftClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(CLIENT_GRPC_MESSAGE_BYTES)
+            .max_encoding_message_size(CLIENT_GRPC_MESSAGE_BYTES);
+        cache.insert(leader, client.clone());
+        Ok(client)
+    }
+
+    /// Builds the forwarded request: marked, and bounded by our own timeout plus slack.
+    fn forward_request<T>(&self, body: T) -> Request<T> {
+        let mut req = Request::new(body);
+        req.metadata_mut().insert(
+            FORWARDED_KEY,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        req.set_timeout(self.ctx.request_timeout + Duration::from_secs(1));
+        req
+    }
+
+    /// Turns a forwarding failure into a status with an outcome. A status from the leader carries
+    /// its own; a broken connection is definite only if nothing can have been sent.
+    fn forward_failed(&self, leader: u64, status: Status, write: bool) -> Status {
+        if Outcome::of_status(&status).is_some() {
+            return status;
+        }
+        let not_sent = status.code() == tonic::Code::Unavailable
+            && (status.message().contains("connect") || status.message().contains("refused"));
+        let outcome = if !write || not_sent {
+            Outcome::Definite
+        } else {
+            Outcome::Indeterminate
+        };
+        let addr = self.ctx.members.get(&leader).cloned().unwrap_or_default();
+        with_outcome(
+            Error::Forward {
+                leader,
+                addr,
+                message: status.message().to_string(),
+                outcome,
+            }
+            .into(),
+            outcome,
+        )
+    }
+
+    async fn propose(&self, tenant: String, kind: op::Kind) -> Result<Applied, Error> {
+        let (reply, answer) = oneshot::channel();
+        let op = wlog::Op {
+            id: None,
+            tenant,
+            kind: Some(kind),
+        };
+        self.ctx
+            .raft
+            .try_send(RaftInput::Propose(Proposal { op, reply }))
+            .map_err(|e| match e {
+                TrySendError::Full(_) => Error::Busy("the raft inbox is full"),
+                TrySendError::Disconnected(_) => Error::ShuttingDown,
+            })?;
+        match tokio::time::timeout(self.ctx.request_timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::Interrupted),
+            Err(_) => Err(Error::Timeout(self.ctx.request_timeout)),
+        }
+    }
+
+    /// Asks the apply stage and waits a bounded time. Reads change nothing, so a timeout here
+    /// is definite.
+    async fn ask_apply<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> ApplyInput,
+        deadline: Instant,
+    ) -> Result<T, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.ctx
+            .apply
+            .send(make(reply))
+            .map_err(|_| Error::ShuttingDown)?;
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::ShuttingDown),
+            Err(_) => Err(Error::ReadTimeout(self.ctx.request_timeout)),
+        }
+    }
+
+    /// Confirms leadership (ReadIndex) and returns the index a linearizable read waits for.
+    async fn read_index(&self, deadline: Instant) -> Result<u64, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.ctx
+            .raft
+            .try_send(RaftInput::ReadIndex(reply))
+            .map_err(|e| match e {
+                TrySendError::Full(_) => Error::Busy("the raft inbox is full"),
+                TrySendError::Disconnected(_) => Error::ShuttingDown,
+            })?;
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::ShuttingDown),
+            Err(_) => Err(Error::ReadTimeout(self.ctx.request_timeout)),
+        }
+    }
+
+    fn tenant_exists(&self, tenant: &str) -> bool {
+        self.ctx
+            .view
+            .read()
+            .map(|v| v.tenants.contains_key(tenant))
+            .unwrap_or(false)
+    }
+}
+
+fn is_forwarded<T>(req: &Request<T>) -> bool {
+    req.metadata().get(FORWARDED_KEY).is_some()
+}
+
+fn module_error(kind: module_error::Kind, message: String) -> ModuleError {
+    ModuleError {
+        kind: kind as i32,
+        message,
+    }
+}
+
+#[tonic::async_trait]
+impl Wraft for ClientService {
+    async fn deploy(
+        &self,
+        request: Request<DeployRequest>,
+    ) -> Result<Response<DeployResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        check_tenant_name(&req.tenant)?;
+        check_size("the module", req.wasm.len(), MAX_MODULE_BYTES)?;
+        let tenant = req.tenant.clone();
+        match self.route(forwarded).await? {
+            Route::Forward(leader, mut client) => {
+                return client
+                    .deploy(self.forward_request(req))
+                    .await
+                    .map_err(|s| self.forward_failed(leader, s, true));
+            }
+            Route::Local => {}
+        }
+        // Validate before proposing: invalid Wasm never reaches the log.
+        let runtime = self.ctx.runtime.clone();
+        let limits = self.ctx.limits.clone();
+        let wasm = req.wasm;
+        let (module, wasm) = tokio::task::spawn_blocking(move || {
+            let m = runtime.compile(&wasm, &limits);
+            (m, wasm)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("module validation task failed: {e}")))?;
+        let module =
+            module.map_err(|e| Error::InvalidArgument(format!("deploy tenant {tenant}: {e}")))?;
+        let hash = module.hash();
+        if let Ok(mut cache) = self.ctx.modules.lock() {
+            cache.insert(hash, module);
+        }
+        let applied = self
+            .propose(
+                tenant.clone(),
+                op::Kind::Deploy(wlog::Deploy {
+                    wasm,
+                    module_hash: hash.to_vec(),
+                }),
+            )
+            .await?;
+        match applied.outcome {
+            OpOutcome::Output(_) => Ok(Response::new(DeployResponse {
+                module_hash: hex::encode(hash),
+                index: applied.index,
+            })),
+            OpOutcome::Failed { message, .. } => Err(Error::FailedPrecondition(message).into()),
+        }
+    }
+
+    async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        check_tenant_name(&req.tenant)?;
+        check_size("the command", req.command.len(), MAX_COMMAND_BYTES)?;
+        check_size("the client id", req.client_id.len(), MAX_CLIENT_ID)?;
+        match self.route(forwarded).await? {
+            Route::Forward(leader, mut client) => {
+                return client
+                    .exec(self.forward_request(req))
+                    .await
+                    .map_err(|s| self.forward_failed(leader, s, true));
+            }
+            Route::Local => {}
+        }
+        if !self.tenant_exists(&req.tenant) {
+            return Err(Error::UnknownTenant(req.tenant).into());
+        }
+        let tenant = req.tenant.clone();
+        let applied = self
+            .propose(
+                req.tenant,
+                op::Kind::Command(wlog::Command {
+                    payload: req.command,
+                    client_id: req.client_id,
+                    seq: req.seq,
+                }),
+            )
+            .await?;
+        let outcome = match applied.outcome {
+            OpOutcome::Output(out) => exec_response::Outcome::Output(out),
+            OpOutcome::Failed {
+                kind: module_error::Kind::UnknownTenant,
+                ..
+            } => return Err(Error::UnknownTenant(tenant).into()),
+            OpOutcome::Failed { kind, message } => {
+                exec_response::Outcome::Error(module_error(kind, message))
+            }
+        };
+        Ok(Response::new(ExecResponse {
+            index: applied.index,
+            outcome: Some(outcome),
+        }))
+    }
+
+    async fn query(
+        &self,
+        request: Request<QueryRequest>,
+    ) -> Result<Response<QueryResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        check_tenant_name(&req.tenant)?;
+        check_size("the query", req.query.len(), MAX_QUERY_BYTES)?;
+        let deadline = Instant::now() + self.ctx.request_timeout;
+        let min_index = match Consistency::try_from(req.consistency) {
+            Ok(Consistency::Stale) => 0,
+            Ok(Consistency::Linearizable) => match self.route(forwarded).await? {
+                Route::Forward(leader, mut client) => {
+                    return client
+                        .query(self.forward_request(req))
+                        .await
+                        .map_err(|s| self.forward_failed(leader, s, false));
+                }
+                Route::Local => self.read_index(deadline).await?,
+            },
+            Err(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown consistency level {}",
+                    req.consistency
+                ))
+                .into())
+            }
+        };
+        let applied = self
+            .ask_apply(
+                |reply| {
+                    ApplyInput::Query(QueryTask {
+                        tenant: req.tenant,
+                        query: req.query,
+                        min_index,
+                        reply,
+                    })
+                },
+                deadline,
+            )
+            .await?;
+        let outcome = match applied.outcome {
+            OpOutcome::Output(out) => query_response::Outcome::Output(out),
+            OpOutcome::Failed { kind, message } => {
+                query_response::Outcome::Error(module_error(kind, message))
+            }
+        };
+        Ok(Response::new(QueryResponse {
+            index: applied.index,
+            outcome: Some(outcome),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let raft = self.ctx.raft_status.borrow().clone();
+        let (applied, tenants) = match self.ctx.view.read() {
+            Ok(v) => (
+                v.applied,
+                v.tenants
+                    .iter()
+                    .map(|(name, (hash, index))| TenantStatus {
+                        name: name.clone(),
+                        module_hash: hash.clone(),
+                        applied_index: *index,
+                    })
+                    .collect(),
+            ),
+            Err(_) => (0, Vec::new()),
+        };
+        let mut members: Vec<Member> = raft
+            .voters
+            .iter()
+            .map(|id| (id, true))
+            .chain(raft.learners.iter().map(|id| (id, false)))
+            .map(|(id, voter)| Member {
+                id: *id,
+                addr: self.ctx.members.get(id).cloned().unwrap_or_default(),
+                voter,
+            })
+            .collect();
+        members.sort_by_key(|m| m.id);
+        let role = match raft.role {
+            RaftRole::Follower => Role::Follower,
+            RaftRole::PreCandidate => Role::PreCandidate,
+            RaftRole::Candidate => Role::Candidate,
+            RaftRole::Leader => Role::Leader,
+            RaftRole::Learner => Role::Learner,
+        };
+        Ok(Response::new(StatusResponse {
+            node_id: self.ctx.id,
+            role: role as i32,
+            leader_id: raft.leader,
+            term: raft.term,
+            commit_index: raft.commit,
+            applied_index: applied,
+            members,
+            tenants,
+            cluster_id: format!("{:016x}", self.ctx.cluster_id),
+        }))
+    }
+
+    async fn digest(
+        &self,
+        request: Request<DigestRequest>,
+    ) -> Result<Response<DigestResponse>, Status> {
+        let req = request.into_inner();
+        check_tenant_name(&req.tenant)?;
+        let deadline = Instant::now() + self.ctx.request_timeout;
+        let tenant = req.tenant.clone();
+        let info = self
+            .ask_apply(
+                |reply| {
+                    ApplyInput::Digest(DigestTask {
+                        tenant: req.tenant,
+                        reply,
+                    })
+                },
+                deadline,
+            )
+            .await?;
+        Ok(Response::new(DigestResponse {
+            tenant,
+            index: info.index,
+            state_hash: info.state_hash,
+            module_hash: info.module_hash,
+        }))
+    }
+}
+
+/// A cluster id derived from the initial membership, so that two clusters started from
+/// different `--peers` never accept each other's traffic.
+pub fn derive_cluster_id(peers: &std::collections::BTreeMap<u64, String>) -> u64 {
+    let canonical: Vec<String> = peers
+        .iter()
+        .map(|(id, addr)| format!("{id}={addr}"))
+        .collect();
+    let digest = Sha256::digest(canonical.join(",").as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
+}

@@ -1,0 +1,421 @@
+//! Node-to-node raft traffic: the only module that moves raft messages over the network.
+//!
+//! Sending: one task per peer keeps one long-lived gRPC stream open and writes batches into it.
+//! The Raft loop hands messages over without blocking ([`Transport::send`]); a task drains its
+//! queue into one batch per write, so order to a peer is kept and a burst costs one write. A
+//! broken stream is reported to raft (`report_unreachable`, which stops optimistic pipelining to
+//! that peer) and reopened with capped exponential backoff. A full queue drops messages: raft
+//! retransmits, and a queue that never empties must not grow memory.
+//!
+//! Receiving ([`PeerService`]): peers are not clients. A stream is accepted only from a member of
+//! this cluster, and every message is checked ([`validate`]) before it reaches raft-rs, which
+//! panics on some malformed input.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::Sender as SyncSender;
+use protobuf::Message as _;
+use raft::eraftpb::{Message, MessageType};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::transport::Endpoint;
+use tonic::{Request, Response, Status, Streaming};
+use wraft_proto::peer::peer_client::PeerClient;
+use wraft_proto::peer::peer_server::Peer;
+use wraft_proto::peer::{RaftAck, RaftBatch};
+
+use crate::limits::{PEER_BATCH_BYTES, PEER_GRPC_MESSAGE_BYTES};
+use crate::raft_loop::RaftInput;
+
+/// Messages queued for one peer before new ones are dropped.
+const PEER_QUEUE: usize = 8192;
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// The sending half: a queue per peer, each drained by its own task.
+#[derive(Clone)]
+pub struct Transport {
+    peers: Arc<HashMap<u64, mpsc::Sender<Message>>>,
+}
+
+impl Transport {
+    /// Starts one sender task per peer (other than `self_id`) on the current tokio runtime.
+    pub fn start(
+        cluster_id: u64,
+        self_id: u64,
+        peers: &HashMap<u64, String>,
+        raft: SyncSender<RaftInput>,
+    ) -> Self {
+        let mut queues = HashMap::new();
+        for (&id, addr) in peers {
+            if id == self_id {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(PEER_QUEUE);
+            queues.insert(id, tx);
+            let link = PeerLink {
+                cluster_id,
+                from: self_id,
+                to: id,
+                addr: addr.clone(),
+                raft: raft.clone(),
+            };
+            tokio::spawn(link.run(rx));
+        }
+        Self {
+            peers: Arc::new(queues),
+        }
+    }
+
+    /// Queues messages for their peers. Never blocks: the Raft loop calls it.
+    pub fn send(&self, messages: Vec<Message>) {
+        for msg in messages {
+            match self.peers.get(&msg.to) {
+                Some(queue) => {
+                    if queue.try_send(msg).is_err() {
+                        tracing::debug!("peer queue full or closed; dropping a raft message");
+                    }
+                }
+                None => tracing::warn!(to = msg.to, "raft addressed a node with no known address"),
+            }
+        }
+    }
+}
+
+/// One peer's sender task.
+struct PeerLink {
+    cluster_id: u64,
+    from: u64,
+    to: u64,
+    addr: String,
+    raft: SyncSender<RaftInput>,
+}
+
+impl PeerLink {
+    async fn run(self, mut queue: mpsc::Receiver<Message>) {
+        let mut backoff = BACKOFF_MIN;
+        let endpoint = match Endpoint::from_shared(format!("http://{}", self.addr)) {
+            Ok(e) => e
+                .connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(5)),
+            Err(err) => {
+                tracing::error!(peer = self.to, addr = %self.addr, %err, "bad peer address; not sending to it");
+                return;
+            }
+        };
+        // The first message of the next batch, kept across a reconnect.
+        let mut carry: Option<Message> = None;
+        loop {
+            let first = match carry.take() {
+                Some(m) => m,
+                None => match queue.recv().await {
+                    Some(m) => m,
+                    None => return, // the node is shutting down
+                },
+            };
+            let channel = match endpoint.connect().await {
+                Ok(c) => c,
+                Err(err) => {
+                    tracing::debug!(peer = self.to, %err, "cannot connect to peer");
+                    self.unreachable();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    // Drop what queued up meanwhile: raft resends what still matters.
+                    while queue.try_recv().is_ok() {}
+                    continue;
+                }
+            };
+            let mut client = PeerClient::new(channel)
+                .max_decoding_message_size(PEER_GRPC_MESSAGE_BYTES)
+                .max_encoding_message_size(PEER_GRPC_MESSAGE_BYTES);
+            let (stream_tx, stream_rx) = mpsc::channel::<RaftBatch>(64);
+            let mut call =
+                tokio::spawn(async move { client.raft(ReceiverStream::new(stream_rx)).await });
+            let mut next = Some(first);
+            let broken = loop {
+                let msg = match next.take() {
+                    Some(m) => m,
+                    None => tokio::select! {
+                        m = queue.recv() => match m { Some(m) => m, None => return },
+                        result = &mut call => {
+                            match result {
+                                Ok(Err(status)) => tracing::warn!(peer = self.to, %status, "peer closed the stream"),
+                                Ok(Ok(_)) => tracing::debug!(peer = self.to, "peer ended the stream"),
+                                Err(err) => tracing::warn!(peer = self.to, %err, "peer stream task failed"),
+                            }
+                            break None;
+                        }
+                    },
+                };
+                let (batch, leftover) = self.batch(msg, &mut queue);
+                if stream_tx.send(batch).await.is_err() {
+                    break leftover;
+                }
+                backoff = BACKOFF_MIN;
+                next = leftover;
+            };
+            carry = broken;
+            call.abort();
+            self.unreachable();
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Drains the queue into one batch, up to the batch byte budget. Returns the message that
+    /// did not fit, if any.
+    fn batch(
+        &self,
+        first: Message,
+        queue: &mut mpsc::Receiver<Message>,
+    ) -> (RaftBatch, Option<Message>) {
+        let mut messages = Vec::new();
+        let mut bytes = 0;
+        let mut next = Some(first);
+        let mut leftover = None;
+        while let Some(msg) = next.take() {
+            match msg.write_to_bytes() {
+                Ok(encoded) => {
+                    if !messages.is_empty() && bytes + encoded.len() > PEER_BATCH_BYTES {
+                        leftover = Some(msg);
+                        break;
+                    }
+                    bytes += encoded.len();
+                    messages.push(encoded);
+                }
+                Err(err) => tracing::error!(%err, "cannot encode a raft message"),
+            }
+            next = queue.try_recv().ok();
+        }
+        let batch = RaftBatch {
+            cluster_id: self.cluster_id,
+            from: self.from,
+            to: self.to,
+            messages,
+        };
+        (batch, leftover)
+    }
+
+    fn unreachable(&self) {
+        let _ = self.raft.try_send(RaftInput::Unreachable(self.to));
+    }
+}
+
+/// Who this node accepts raft traffic from.
+#[derive(Clone)]
+pub struct Membership {
+    pub cluster_id: u64,
+    pub self_id: u64,
+    /// The members of the cluster (including this node).
+    pub members: Arc<HashMap<u64, String>>,
+}
+
+/// The receiving half: the `Peer` gRPC service.
+pub struct PeerService {
+    membership: Membership,
+    raft: SyncSender<RaftInput>,
+}
+
+impl PeerService {
+    pub fn new(membership: Membership, raft: SyncSender<RaftInput>) -> Self {
+        Self { membership, raft }
+    }
+
+    /// The tonic server for this service, with deliberate message limits.
+    pub fn into_server(self) -> wraft_proto::peer::peer_server::PeerServer<Self> {
+        wraft_proto::peer::peer_server::PeerServer::new(self)
+            .max_decoding_message_size(PEER_GRPC_MESSAGE_BYTES)
+            .max_encoding_message_size(PEER_GRPC_MESSAGE_BYTES)
+    }
+
+    fn admit(&self, batch: &RaftBatch) -> Result<(), Status> {
+        let m = &self.membership;
+        if batch.cluster_id != m.cluster_id {
+            return Err(Status::permission_denied(format!(
+                "raft traffic for cluster {:016x} reached a node of cluster {:016x}",
+                batch.cluster_id, m.cluster_id
+            )));
+        }
+        if batch.to != m.self_id {
+            return Err(Status::permission_denied(format!(
+                "raft traffic for node {} reached node {}",
+                batch.to, m.self_id
+            )));
+        }
+        if batch.from == m.self_id || !m.members.contains_key(&batch.from) {
+            return Err(Status::permission_denied(format!(
+                "node {} is not a member of cluster {:016x}",
+                batch.from, m.cluster_id
+            )));
+        }
+        Ok(())
+    }
+}
+
+type AckFuture = Pin<Box<dyn std::future::Future<Output = Result<RaftAck, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn raft(
+        &self,
+        request: Request<Streaming<RaftBatch>>,
+    ) -> Result<Response<RaftAck>, Status> {
+        let mut stream = request.into_inner();
+        let fut: AckFuture = {
+            let this = PeerService {
+                membership: self.membership.clone(),
+                raft: self.raft.clone(),
+            };
+            Box::pin(async move {
+                while let Some(batch) = stream.next().await {
+                    let batch = batch?;
+                    this.admit(&batch)?;
+                    for bytes in &batch.messages {
+                        let msg = match Message::parse_from_bytes(bytes) {
+                            Ok(m) => m,
+                            Err(err) => {
+                                return Err(Status::invalid_argument(format!(
+                                    "undecodable raft message from node {}: {err}",
+                                    batch.from
+                                )))
+                            }
+                        };
+                        if let Err(why) = validate(&msg, batch.from, this.membership.self_id) {
+                            tracing::warn!(from = batch.from, %why, "dropping an invalid raft message");
+                            continue;
+                        }
+                        if this.raft.try_send(RaftInput::Peer(msg)).is_err() {
+                            // The Raft loop is saturated or stopping: raft tolerates loss.
+                            tracing::debug!("raft inbox full; dropping a peer message");
+                        }
+                    }
+                }
+                Ok(RaftAck {})
+            })
+        };
+        fut.await.map(Response::new)
+    }
+}
+
+/// Checks a peer's raft message before raft-rs sees it. raft-rs trusts its input: an empty
+/// MsgPropose, a MsgReadIndex without entries, a local-only message type or entries out of
+/// order can make it panic or corrupt its log.
+pub fn validate(msg: &Message, batch_from: u64, self_id: u64) -> Result<(), String> {
+    use MessageType::*;
+    if msg.from != batch_from {
+        return Err(format!(
+            "message claims to be from {} inside a batch from {batch_from}",
+            msg.from
+        ));
+    }
+    if msg.to != self_id {
+        return Err(format!("message to {} delivered to {self_id}", msg.to));
+    }
+    match msg.get_msg_type() {
+        MsgAppend
+        | MsgAppendResponse
+        | MsgRequestVote
+        | MsgRequestVoteResponse
+        | MsgRequestPreVote
+        | MsgRequestPreVoteResponse
+        | MsgHeartbeat
+        | MsgHeartbeatResponse
+        | MsgTimeoutNow => {}
+        // Local messages (MsgHup, MsgBeat, MsgUnreachable, MsgSnapStatus, MsgCheckQuorum) never
+        // cross the network. Proposals and reads reach the leader over wraft's own forwarding,
+        // and snapshots are not transferred by this build.
+        other => return Err(format!("message type {other:?} is not accepted from peers")),
+    }
+    if msg.term == 0 {
+        return Err("a peer message must carry a term".into());
+    }
+    if msg.get_msg_type() == MsgAppend {
+        let mut expect = msg.index + 1;
+        for entry in msg.get_entries() {
+            if entry.index != expect {
+                return Err(format!(
+                    "append entries out of order: expected index {expect}, found {}",
+                    entry.index
+                ));
+            }
+            if entry.term == 0 || entry.term < msg.log_term {
+                return Err(format!(
+                    "append entry {} has term {} below the message's log term {}",
+                    entry.index, entry.term, msg.log_term
+                ));
+            }
+            expect += 1;
+        }
+    } else if !msg.get_entries().is_empty() {
+        return Err(format!("{:?} must not carry entries", msg.get_msg_type()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::eraftpb::Entry;
+
+    fn msg(t: MessageType) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(t);
+        m.from = 2;
+        m.to = 1;
+        m.term = 3;
+        m
+    }
+
+    #[test]
+    fn accepts_ordinary_traffic() {
+        assert!(validate(&msg(MessageType::MsgHeartbeat), 2, 1).is_ok());
+        let mut app = msg(MessageType::MsgAppend);
+        app.index = 4;
+        app.log_term = 2;
+        let mut e5 = Entry::default();
+        e5.index = 5;
+        e5.term = 3;
+        let mut e6 = e5.clone();
+        e6.index = 6;
+        app.set_entries(vec![e5, e6].into());
+        assert!(validate(&app, 2, 1).is_ok());
+    }
+
+    #[test]
+    fn refuses_what_could_hurt_raft() {
+        assert!(
+            validate(&msg(MessageType::MsgPropose), 2, 1).is_err(),
+            "empty propose panics raft-rs"
+        );
+        assert!(validate(&msg(MessageType::MsgReadIndex), 2, 1).is_err());
+        assert!(
+            validate(&msg(MessageType::MsgHup), 2, 1).is_err(),
+            "local message"
+        );
+        assert!(validate(&msg(MessageType::MsgSnapshot), 2, 1).is_err());
+        assert!(
+            validate(&msg(MessageType::MsgHeartbeat), 3, 1).is_err(),
+            "spoofed sender"
+        );
+        assert!(
+            validate(&msg(MessageType::MsgHeartbeat), 2, 9).is_err(),
+            "wrong recipient"
+        );
+        let mut zero = msg(MessageType::MsgHeartbeat);
+        zero.term = 0;
+        assert!(validate(&zero, 2, 1).is_err());
+        let mut app = msg(MessageType::MsgAppend);
+        app.index = 4;
+        let mut e = Entry::default();
+        e.index = 7;
+        e.term = 3;
+        app.set_entries(vec![e].into());
+        assert!(validate(&app, 2, 1).is_err(), "gap in appended entries");
+    }
+}

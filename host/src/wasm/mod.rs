@@ -1,0 +1,183 @@
+//! Runs tenants' state machines: WebAssembly modules executed deterministically by wasmtime.
+//!
+//! Owns the engine configuration, module validation against the wraft ABI, and every call into
+//! a guest. Keeps true: **the same module, limits and inputs give the same result on every
+//! replica** — no imports reach a module (so no clock, randomness or I/O), floats produce
+//! canonical NaNs, fuel (never wall-clock time) bounds each call, and memory growth beyond
+//! [`Limits::memory_bytes`] is refused the same way everywhere. Nothing a module does can
+//! panic the host: hostile results are bounds-checked and size-capped before they are copied.
+//!
+//! # Cost and lifetime of the types
+//!
+//! - [`Runtime`]: one per process; wraps the `wasmtime::Engine` (cheap to clone).
+//! - [`Module`]: compiled code, expensive to make (Cranelift), cheap to clone; keyed by
+//!   [`Module::hash`], the SHA-256 of the deployed bytes.
+//! - [`Instance`]: one tenant's live state (its own store and linear memory); cheap to create.
+//!   After an error whose [`CallError::poisons_instance`] is true its memory may be half
+//!   changed: discard it and rebuild from a snapshot plus the log.
+//!
+//! # The ABI (v1)
+//!
+//! A module imports nothing and exports (names and signatures exact):
+//!
+//! | export | signature | meaning |
+//! |---|---|---|
+//! | `memory` | 32-bit memory | the linear memory the host reads and writes |
+//! | `wraft_abi_v1` | `() -> ()` | marker: declares ABI version 1 |
+//! | `wraft_alloc` | `(len: i32) -> i32` | allocate `len` bytes for the next input; ownership passes to the guest, which frees it during the following call |
+//! | `wraft_apply` | `(ptr: i32, len: i32) -> i64` | apply a committed command |
+//! | `wraft_query` | `(ptr: i32, len: i32) -> i64` | answer a read-only query |
+//! | `wraft_snapshot` | `() -> i64` | serialize the whole state |
+//! | `wraft_restore` | `(ptr: i32, len: i32) -> i64` | replace the whole state |
+//! | `wraft_panic_message` | `() -> i64` | optional: the last recorded panic message |
+//!
+//! Every call with input goes `wraft_alloc(len)` (even for `len == 0`), the host writes the
+//! input at the returned pointer, then `wraft_apply(ptr, len)` (or query/restore). An `i64`
+//! result packs `(result_ptr << 32) | result_len` (both u32) and points at a guest buffer,
+//! valid until the next call, whose first byte is a status: `0` = ok and the rest is the
+//! payload, `1` = the module's own error and the rest is a UTF-8 message. Any other status, an
+//! empty buffer or one outside memory is [`CallError::BadAbi`].
+//!
+//! # Accepted Wasm features
+//!
+//! The MVP plus what rustc 1.95 emits by default for `wasm32-unknown-unknown`: mutable
+//! globals, sign extension, non-trapping float-to-int, bulk memory, multi-value and reference
+//! types; fixed-width SIMD (`simd128`) is accepted too. Rejected at compile time: threads and
+//! shared memory, memory64, multi-memory, relaxed SIMD, tail calls, exceptions, GC and typed
+//! function references, custom page sizes, wide arithmetic, stack switching.
+//!
+//! # Limits and determinism
+//!
+//! Fuel is reset before every call: [`Limits::fuel_per_call`] for `apply`/`query` (covering
+//! the `wraft_alloc` call too), [`Limits::fuel_per_snapshot`] for `snapshot`/`restore`.
+//! Results of `apply`/`query` are capped at [`Limits::max_result_bytes`]; snapshots only by
+//! the memory limit. Wasm stack overflow is a trap at a depth fixed by the wasmtime version
+//! and CPU architecture, so clusters should not mix architectures.
+
+mod engine;
+mod instance;
+#[cfg(test)]
+mod tests;
+
+pub use engine::{Module, Runtime};
+pub use instance::Instance;
+
+/// Replicated limits (later they become per-tenant replicated config; keep them a plain struct).
+///
+/// Every replica must use the same values, since they decide where a call fails.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Fuel for one `apply` or `query` (including its `wraft_alloc`).
+    pub fuel_per_call: u64,
+    /// Fuel for one `snapshot` or `restore` (including its `wraft_alloc`).
+    pub fuel_per_snapshot: u64,
+    /// Maximum size of the linear memory, in bytes.
+    pub memory_bytes: u64,
+    /// Maximum payload of an `apply` or `query` result, in bytes.
+    pub max_result_bytes: u64,
+    /// Maximum size of a module's Wasm binary, in bytes.
+    pub max_module_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            fuel_per_call: 200_000_000,
+            fuel_per_snapshot: 5_000_000_000,
+            memory_bytes: 256 << 20,
+            max_result_bytes: 4 << 20,
+            max_module_bytes: 8 << 20,
+        }
+    }
+}
+
+/// Why a call into a module failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// The module's own error (status 1): a bad request. The instance stays usable.
+    #[error("module rejected the request: {0}")]
+    Rejected(String),
+    /// The module trapped; includes the guest's panic message when it recorded one.
+    #[error("module trapped: {0}")]
+    Trap(String),
+    /// The call used up its fuel.
+    #[error("module ran out of fuel (limit {limit})")]
+    OutOfFuel {
+        /// The fuel the call started with.
+        limit: u64,
+    },
+    /// The module tried to grow its memory beyond the limit and then failed.
+    #[error("module exceeded its memory limit of {limit} bytes")]
+    MemoryLimit {
+        /// The memory limit in bytes.
+        limit: u64,
+    },
+    /// The result is larger than allowed; it was not copied.
+    #[error("module returned {len} bytes; the limit is {limit}")]
+    ResultTooLarge {
+        /// The payload length the module claimed.
+        len: u64,
+        /// The result limit in bytes.
+        limit: u64,
+    },
+    /// The module broke the ABI (e.g. a result pointer out of bounds).
+    #[error("module broke the wraft ABI: {0}")]
+    BadAbi(String),
+}
+
+impl CallError {
+    /// Whether the instance must be discarded: true for everything but [`CallError::Rejected`],
+    /// because the call may have stopped half-way through changing memory.
+    pub fn poisons_instance(&self) -> bool {
+        !matches!(self, CallError::Rejected(_))
+    }
+}
+
+/// Why a module could not be compiled or instantiated.
+#[derive(Debug, thiserror::Error)]
+pub enum WasmError {
+    /// The binary is larger than [`Limits::max_module_bytes`].
+    #[error("module is {len} bytes; the limit is {limit}")]
+    ModuleTooLarge {
+        /// Size of the binary.
+        len: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// Not valid Wasm, or uses a feature wraft does not accept.
+    #[error("invalid module: {0}")]
+    Invalid(String),
+    /// A required export is missing.
+    #[error("module exports no `{name}` (expected {signature})")]
+    MissingExport {
+        /// The export's name.
+        name: &'static str,
+        /// What it should be.
+        signature: &'static str,
+    },
+    /// An ABI export has the wrong type.
+    #[error("module export `{name}` has the wrong type: expected {expected}, found {found}")]
+    WrongSignature {
+        /// The export's name.
+        name: &'static str,
+        /// What it should be.
+        expected: &'static str,
+        /// What it is.
+        found: String,
+    },
+    /// The module imports something; ABI v1 allows no imports.
+    #[error("module imports `{module}::{name}`; wraft modules may import nothing")]
+    ImportNotAllowed {
+        /// The import's module name.
+        module: String,
+        /// The import's field name.
+        name: String,
+    },
+    /// Instantiation failed (e.g. its initial memory exceeds the limit, or its start function
+    /// trapped).
+    #[error("cannot instantiate module: {0}")]
+    Instantiate(String),
+    /// The engine could not be configured.
+    #[error("cannot configure the Wasm engine: {0}")]
+    Engine(String),
+}

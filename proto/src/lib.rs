@@ -1,0 +1,26 @@
+//! wraft's wire and storage formats, generated from `proto/*.proto`.
+//!
+//! - [`client`]: the client API every node serves (`Wraft` service).
+//! - [`peer`]: node-to-node raft traffic (`Peer` service).
+//! - [`log`]: the envelope of every raft log entry and the records the apply stage persists.
+//!   These are durable: fields are added, never renumbered.
+
+#![allow(missing_docs)]
+
+/// The client API: `Deploy`, `Exec`, `Query`, `Status`, `Digest`.
+pub mod client {
+    tonic::include_proto!("wraft.v1");
+}
+
+/// Node-to-node traffic: batches of raft-rs messages on one stream per peer.
+pub mod peer {
+    tonic::include_proto!("wraft.peer.v1");
+}
+
+/// Durable formats: log entry envelopes, sessions and tenant checkpoints.
+pub mod log {
+    tonic::include_proto!("wraft.log.v1");
+}
+
+/// The version of [`log::LogEntry`] this build writes and the newest it can read.
+pub const ENVELOPE_VERSION: u32 = 1;

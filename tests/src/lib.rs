@@ -1,0 +1,50 @@
+//! The harness for wraft's multi-node tests: real `wraft` processes on loopback, talking real
+//! gRPC and writing real RocksDB directories; crashes are real `SIGKILL`s.
+//!
+//! Layout:
+//! - [`paths`]: where the `wraft` binary and the plugin `.wasm` files are, and what to run when
+//!   they are missing.
+//! - [`wait`]: [`wait_until`] (poll a condition until a deadline, then fail saying what was
+//!   awaited and the last state seen) and [`within`] (a call must return before a deadline).
+//! - [`cluster`]: [`Cluster`], a set of nodes in one temporary directory: start, kill, restart,
+//!   find the leader, and print every node's log tail when a test fails.
+//! - [`outcome`]: an `Exec`/`Query` result classified by the `wraft-outcome` metadata into
+//!   ok / module error / definite / indeterminate.
+//! - [`cli`]: runs the `wraft` CLI and captures exit code, stdout and stderr.
+//!
+//! Everything here panics on failure (with a message that says what was expected and what was
+//! seen) instead of returning errors: a panic is what makes [`Cluster`]'s `Drop` print the logs.
+
+pub mod cli;
+pub mod cluster;
+pub mod outcome;
+pub mod paths;
+pub mod wait;
+
+pub use cli::{run_cli, CliOutput};
+pub use cluster::{Cluster, NodeId};
+pub use outcome::{Certainty, ExecOutcome, QueryOutcome};
+pub use paths::{plugin_bytes, plugin_path, sha256_hex, wraft_bin};
+pub use wait::{wait_until, within};
+
+pub use wraft_proto::client as api;
+
+use std::time::Duration;
+
+/// How long a cluster may take to agree on one leader (also after a crash). Generous: tests run
+/// in parallel on a 2-core machine.
+pub const LEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a replica may take to apply an index it is known to be behind on.
+pub const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest any single RPC made by the harness may take before the test fails as a hang.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Parses a module's output (JSON bytes), failing with the raw bytes when they are not JSON.
+pub fn json(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes).unwrap_or_else(|e| {
+        panic!(
+            "module output is not JSON ({e}): {:?}",
+            String::from_utf8_lossy(bytes)
+        )
+    })
+}
