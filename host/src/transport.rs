@@ -336,8 +336,7 @@ pub fn validate(msg: &Message, batch_from: u64, self_id: u64) -> Result<(), Stri
         return Err("a peer message must carry a term".into());
     }
     if msg.get_msg_type() == MsgAppend {
-        let mut expect = msg.index + 1;
-        for entry in msg.get_entries() {
+        for (expect, entry) in (msg.index + 1..).zip(msg.get_entries()) {
             if entry.index != expect {
                 return Err(format!(
                     "append entries out of order: expected index {expect}, found {}",
@@ -350,7 +349,6 @@ pub fn validate(msg: &Message, batch_from: u64, self_id: u64) -> Result<(), Stri
                     entry.index, entry.term, msg.log_term
                 ));
             }
-            expect += 1;
         }
     } else if !msg.get_entries().is_empty() {
         return Err(format!("{:?} must not carry entries", msg.get_msg_type()));
@@ -378,9 +376,11 @@ mod tests {
         let mut app = msg(MessageType::MsgAppend);
         app.index = 4;
         app.log_term = 2;
-        let mut e5 = Entry::default();
-        e5.index = 5;
-        e5.term = 3;
+        let e5 = Entry {
+            index: 5,
+            term: 3,
+            ..Default::default()
+        };
         let mut e6 = e5.clone();
         e6.index = 6;
         app.set_entries(vec![e5, e6].into());
@@ -412,9 +412,11 @@ mod tests {
         assert!(validate(&zero, 2, 1).is_err());
         let mut app = msg(MessageType::MsgAppend);
         app.index = 4;
-        let mut e = Entry::default();
-        e.index = 7;
-        e.term = 3;
+        let e = Entry {
+            index: 7,
+            term: 3,
+            ..Default::default()
+        };
         app.set_entries(vec![e].into());
         assert!(validate(&app, 2, 1).is_err(), "gap in appended entries");
     }

@@ -7,8 +7,9 @@ use serde_json::json;
 use tonic::Code;
 use wraft_tests::api::module_error::Kind;
 use wraft_tests::api::Consistency;
+use wraft_tests::cluster::describe_statuses;
 use wraft_tests::cluster::{exec_on, exec_request};
-use wraft_tests::{run_cli, within, Certainty, Cluster, ExecOutcome, QueryOutcome};
+use wraft_tests::{run_cli, wait_until, within, Certainty, Cluster, ExecOutcome, QueryOutcome};
 
 /// `(module (memory (export "memory") 1))`: valid wasm that exports nothing a plugin needs.
 const MEMORY_ONLY_MODULE: &[u8] = &[
@@ -19,6 +20,22 @@ const MEMORY_ONLY_MODULE: &[u8] = &[
 
 /// How long a node without a quorum may take to answer.
 const NO_QUORUM_ANSWER: Duration = Duration::from_secs(15);
+
+/// An exec on node `via`, which has no quorum, must answer within [`NO_QUORUM_ANSWER`] with
+/// UNAVAILABLE (definite) or, at worst, DEADLINE_EXCEEDED (indeterminate).
+async fn expect_no_quorum_answer(cluster: &Cluster, via: u64, put: &serde_json::Value, when: &str) {
+    let started = std::time::Instant::now();
+    let what = format!("exec on node {via} without a quorum, {when}");
+    let out = within(NO_QUORUM_ANSWER, &what, cluster.exec(via, "kv", put)).await;
+    eprintln!("{what}: answered after {:?}: {out}", started.elapsed());
+    match &out {
+        ExecOutcome::Definite(s) if s.code() == Code::Unavailable => {}
+        ExecOutcome::Indeterminate(s) if s.code() == Code::DeadlineExceeded => {}
+        other => panic!(
+            "{what}: expected UNAVAILABLE (definite) or DEADLINE_EXCEEDED (indeterminate), got {other}"
+        ),
+    }
+}
 
 fn assert_definite(status: &tonic::Status, code: Code, what: &str) {
     assert_eq!(status.code(), code, "{what}: {status:?}");
@@ -167,21 +184,27 @@ async fn bad_input_is_refused_precisely() {
         "CLI stderr should carry the module's message {message:?}: {cli}"
     );
 
-    // No quorum: kill the leader and one follower; the survivor answers, within a bounded time.
+    // No quorum: kill the leader and one follower. The survivor answers within a bounded time,
+    // first while it still believes in the dead leader, then once it knows there is none.
     cluster.kill(leader).await;
     cluster.kill(f).await;
     let put = json!({"op": "put", "key": "k", "value": "v"});
-    let out = within(
-        NO_QUORUM_ANSWER,
-        "exec on the only survivor (no quorum)",
-        cluster.exec(g, "kv", &put),
+    expect_no_quorum_answer(&cluster, g, &put, "right after the crash").await;
+    let c = &cluster;
+    wait_until(
+        Duration::from_secs(30),
+        &format!("node {g} to report no leader (leader_id 0) without a quorum"),
+        move || async move {
+            let status = c.status(g).await?;
+            if status.leader_id == 0 {
+                Ok(())
+            } else {
+                Err(describe_statuses(&[status]))
+            }
+        },
     )
     .await;
-    match &out {
-        ExecOutcome::Definite(s) if s.code() == Code::Unavailable => {}
-        ExecOutcome::Indeterminate(s) if s.code() == Code::DeadlineExceeded => {}
-        other => panic!("exec without a quorum: expected UNAVAILABLE (definite) or DEADLINE_EXCEEDED (indeterminate), got {other}"),
-    }
+    expect_no_quorum_answer(&cluster, g, &put, "with no leader known").await;
     let out = within(
         NO_QUORUM_ANSWER,
         "linearizable query on the only survivor (no quorum)",

@@ -13,6 +13,8 @@
 //! the index, or with an indeterminate error when the node stops first.
 
 mod tenant;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -52,6 +54,9 @@ pub enum ApplyInput {
     Digest(DigestTask),
     /// Checkpoint what changed, then stop.
     Shutdown,
+    /// Stop at once, writing nothing: what `kill -9` does, for tests of replay.
+    #[cfg(test)]
+    Abort,
 }
 
 /// A client waiting for its op to apply.
@@ -205,6 +210,8 @@ impl ApplyStage {
                 }
                 ApplyInput::Digest(task) => self.digest(task),
                 ApplyInput::Shutdown => break,
+                #[cfg(test)]
+                ApplyInput::Abort => return,
             }
         }
         self.shutdown();

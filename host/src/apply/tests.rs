@@ -1,0 +1,300 @@
+//! The apply stage on real RocksDB with a module that changes its memory and then traps: the
+//! trapped op must leave no trace, on this run and after a restart that replays the log.
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use crossbeam_channel::Sender;
+use raft::eraftpb::Entry;
+use tokio::sync::oneshot;
+use wraft_proto::client::module_error::Kind;
+use wraft_proto::log::{op, Command, Deploy, LogEntry, Op};
+use wraft_proto::ENVELOPE_VERSION;
+
+use super::*;
+use crate::envelope::ProposalIds;
+use crate::storage::{self, NodeIdentity, RaftStorage};
+
+/// A counter in linear memory at address 0. `apply` increments it FIRST and then traps when
+/// the command starts with `t`, so a trap leaves memory half-changed unless the host repairs it.
+const TRAPPY: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "wraft_abi_v1"))
+  (func (export "wraft_alloc") (param i32) (result i32) (i32.const 1024))
+  (func $counter (result i64)
+    (i32.store8 (i32.const 2000) (i32.const 0))
+    (i64.store (i32.const 2001) (i64.load (i32.const 0)))
+    (i64.or (i64.shl (i64.const 2000) (i64.const 32)) (i64.const 9)))
+  (func (export "wraft_apply") (param $ptr i32) (param $len i32) (result i64)
+    (i64.store (i32.const 0) (i64.add (i64.load (i32.const 0)) (i64.const 1)))
+    (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 116)) (then unreachable))
+    (call $counter))
+  (func (export "wraft_query") (param i32 i32) (result i64) (call $counter))
+  (func (export "wraft_snapshot") (result i64)
+    (i64.store (i32.const 3001) (i64.load (i32.const 0)))
+    (i32.store8 (i32.const 3000) (i32.const 0))
+    (i64.or (i64.shl (i64.const 3000) (i64.const 32)) (i64.const 9)))
+  (func (export "wraft_restore") (param $ptr i32) (param $len i32) (result i64)
+    (i64.store (i32.const 0) (i64.load (local.get $ptr)))
+    (i32.store8 (i32.const 2000) (i32.const 0))
+    (i64.or (i64.shl (i64.const 2000) (i64.const 32)) (i64.const 1)))
+)"#;
+
+struct Harness {
+    ids: ProposalIds,
+    raft: RaftStorage,
+    inbox: Sender<ApplyInput>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    replay_from: u64,
+}
+
+fn start(dir: &std::path::Path) -> Harness {
+    let (raft, state) = storage::open(
+        dir,
+        NodeIdentity {
+            cluster_id: 7,
+            node_id: 1,
+        },
+        &[1],
+    )
+    .unwrap();
+    let (stage, replay_from) = ApplyStage::open(
+        Runtime::new().unwrap(),
+        Limits::default(),
+        state,
+        Arc::new(Mutex::new(Default::default())),
+        Arc::new(RwLock::new(AppliedView::default())),
+    )
+    .unwrap();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let thread = std::thread::spawn(move || stage.run(rx));
+    Harness {
+        ids: ProposalIds::new(1),
+        raft,
+        inbox: tx,
+        thread: Some(thread),
+        replay_from,
+    }
+}
+
+impl Harness {
+    /// Appends an entry with `ops` to the log (as the raft loop would), commits it to the stage
+    /// and returns each op's outcome.
+    fn commit(&mut self, ops: Vec<op::Kind>) -> Vec<OpOutcome> {
+        let index = self.raft.hard_state().commit + 1;
+        let ops: Vec<Op> = ops
+            .into_iter()
+            .map(|kind| Op {
+                id: Some(self.ids.next_id()),
+                tenant: "t".into(),
+                kind: Some(kind),
+            })
+            .collect();
+        let data = crate::envelope::encode(&LogEntry {
+            version: ENVELOPE_VERSION,
+            timestamp_ms: 0,
+            ops: ops.clone(),
+        });
+        let entry = Entry {
+            index,
+            term: 1,
+            data: data.into(),
+            ..Default::default()
+        };
+        let mut hs = self.raft.hard_state();
+        hs.commit = index;
+        hs.term = 1;
+        self.raft.append(&[entry.clone()], Some(&hs), true).unwrap();
+        let mut answers = Vec::new();
+        let waiters = ops
+            .iter()
+            .enumerate()
+            .map(|(position, op)| {
+                let (reply, answer) = oneshot::channel();
+                answers.push(answer);
+                Waiter {
+                    index,
+                    position: position as u32,
+                    id: op.id.clone().unwrap(),
+                    reply,
+                }
+            })
+            .collect();
+        self.inbox.send(ApplyInput::Track(waiters)).unwrap();
+        self.inbox.send(ApplyInput::Committed(vec![entry])).unwrap();
+        answers
+            .into_iter()
+            .map(|a| a.blocking_recv().unwrap().unwrap().outcome)
+            .collect()
+    }
+
+    /// Hands the stage the committed log after its replay point, as raft does on restart.
+    fn replay(&self) {
+        let commit = self.raft.hard_state().commit;
+        let mut entries = Vec::new();
+        for index in self.replay_from + 1..=commit {
+            entries.push(
+                raft::Storage::entries(
+                    &self.raft,
+                    index,
+                    index + 1,
+                    None,
+                    raft::GetEntriesContext::empty(false),
+                )
+                .unwrap()
+                .remove(0),
+            );
+        }
+        self.inbox.send(ApplyInput::Committed(entries)).unwrap();
+    }
+
+    fn counter(&self) -> u64 {
+        let (reply, answer) = oneshot::channel();
+        self.inbox
+            .send(ApplyInput::Query(QueryTask {
+                tenant: "t".into(),
+                query: Vec::new(),
+                min_index: self.raft.hard_state().commit,
+                reply,
+            }))
+            .unwrap();
+        match answer.blocking_recv().unwrap().unwrap().outcome {
+            OpOutcome::Output(bytes) => u64::from_le_bytes(bytes.try_into().unwrap()),
+            other => panic!("query failed: {other:?}"),
+        }
+    }
+
+    fn digest(&self) -> String {
+        let (reply, answer) = oneshot::channel();
+        self.inbox
+            .send(ApplyInput::Digest(DigestTask {
+                tenant: "t".into(),
+                reply,
+            }))
+            .unwrap();
+        answer.blocking_recv().unwrap().unwrap().state_hash
+    }
+
+    fn stop(mut self) {
+        self.inbox.send(ApplyInput::Shutdown).unwrap();
+        self.thread.take().unwrap().join().unwrap();
+    }
+
+    /// Stops without the shutdown checkpoint, as a crash would.
+    fn crash(mut self) {
+        self.inbox.send(ApplyInput::Abort).unwrap();
+        self.thread.take().unwrap().join().unwrap();
+    }
+}
+
+fn cmd(text: &str) -> op::Kind {
+    op::Kind::Command(Command {
+        payload: text.as_bytes().to_vec(),
+        client_id: String::new(),
+        seq: 0,
+    })
+}
+
+fn output(n: u64) -> OpOutcome {
+    OpOutcome::Output(n.to_le_bytes().to_vec())
+}
+
+fn is_trap(o: &OpOutcome) -> bool {
+    matches!(
+        o,
+        OpOutcome::Failed {
+            kind: Kind::Trap,
+            ..
+        }
+    )
+}
+
+#[test]
+fn a_trap_leaves_no_trace_now_and_after_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = wat::parse_str(TRAPPY).unwrap();
+    let hash: [u8; 32] = Sha256::digest(&wasm).into();
+    let mut h = start(dir.path());
+    let deployed = h.commit(vec![op::Kind::Deploy(Deploy {
+        wasm: wasm.clone(),
+        module_hash: hash.to_vec(),
+    })]);
+    assert_eq!(
+        deployed,
+        vec![OpOutcome::Output(hex::encode(hash).into_bytes())]
+    );
+
+    assert_eq!(h.commit(vec![cmd("a")]), vec![output(1)]);
+    let trapped = h.commit(vec![cmd("t")]);
+    assert!(is_trap(&trapped[0]), "{trapped:?}");
+    // Without repair the counter would now be 2 (incremented before the trap).
+    assert_eq!(h.commit(vec![cmd("a")]), vec![output(2)]);
+    // A trap in the middle of a multi-op entry: the ops around it apply, it leaves nothing.
+    let mixed = h.commit(vec![cmd("a"), cmd("t"), cmd("a")]);
+    assert_eq!(mixed[0], output(3));
+    assert!(is_trap(&mixed[1]), "{mixed:?}");
+    assert_eq!(mixed[2], output(4));
+    assert_eq!(h.counter(), 4);
+    let digest = h.digest();
+    // A crash: no shutdown checkpoint. The restart restores the checkpoint written after the
+    // last trap and replays the log after it.
+    h.crash();
+
+    let h = start(dir.path());
+    assert!(
+        h.replay_from < h.raft.hard_state().commit,
+        "something must be replayed"
+    );
+    h.replay();
+    assert_eq!(
+        h.counter(),
+        4,
+        "replay after restart must give the same state"
+    );
+    assert_eq!(h.digest(), digest);
+    h.stop();
+
+    // After a clean stop nothing needs replaying, and the state is the same.
+    let h = start(dir.path());
+    h.replay();
+    assert_eq!(h.counter(), 4);
+    h.stop();
+}
+
+#[test]
+fn sessions_answer_a_retry_without_applying_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = wat::parse_str(TRAPPY).unwrap();
+    let hash: [u8; 32] = Sha256::digest(&wasm).into();
+    let mut h = start(dir.path());
+    h.commit(vec![op::Kind::Deploy(Deploy {
+        wasm,
+        module_hash: hash.to_vec(),
+    })]);
+    let with_session = |seq: u64| {
+        op::Kind::Command(Command {
+            payload: b"a".to_vec(),
+            client_id: "c1".into(),
+            seq,
+        })
+    };
+    assert_eq!(h.commit(vec![with_session(1)]), vec![output(1)]);
+    assert_eq!(
+        h.commit(vec![with_session(1)]),
+        vec![output(1)],
+        "a retry returns the first result"
+    );
+    assert_eq!(h.commit(vec![with_session(2)]), vec![output(2)]);
+    let stale = h.commit(vec![with_session(1)]);
+    assert!(
+        matches!(
+            stale[0],
+            OpOutcome::Failed {
+                kind: Kind::StaleSequence,
+                ..
+            }
+        ),
+        "{stale:?}"
+    );
+    assert_eq!(h.counter(), 2);
+    h.stop();
+}
