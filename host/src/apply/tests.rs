@@ -103,7 +103,7 @@ impl Harness {
         let mut hs = self.raft.hard_state();
         hs.commit = index;
         hs.term = 1;
-        self.raft.append(&[entry.clone()], Some(&hs), true).unwrap();
+        self.raft.append(std::slice::from_ref(&entry), Some(&hs), true).unwrap();
         let mut answers = Vec::new();
         let waiters = ops
             .iter()
@@ -114,7 +114,7 @@ impl Harness {
                 Waiter {
                     index,
                     position: position as u32,
-                    id: op.id.clone().unwrap(),
+                    id: op.id.unwrap(),
                     reply,
                 }
             })
