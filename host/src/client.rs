@@ -12,7 +12,9 @@ use wraft_proto::client::wraft_client::WraftClient;
 use wraft_proto::client::*;
 
 use crate::error::Outcome;
-use crate::limits::CLIENT_GRPC_MESSAGE_BYTES;
+use crate::limits::{
+    check_size, CLIENT_GRPC_MESSAGE_BYTES, MAX_COMMAND_BYTES, MAX_MODULE_BYTES, MAX_QUERY_BYTES,
+};
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +23,9 @@ pub enum ClientError {
     Unreachable { endpoints: String, last: String },
     #[error("{}", .0.message())]
     Status(tonic::Status),
+    /// Refused before sending, with the same limits the node applies.
+    #[error("{0}")]
+    Invalid(crate::Error),
 }
 
 impl ClientError {
@@ -28,7 +33,7 @@ impl ClientError {
     /// unreachable cluster applied nothing; anything else after a write was sent is unknown.
     pub fn outcome(&self, write: bool) -> Outcome {
         match self {
-            ClientError::Unreachable { .. } => Outcome::Definite,
+            ClientError::Unreachable { .. } | ClientError::Invalid(_) => Outcome::Definite,
             ClientError::Status(s) => Outcome::of_status(s).unwrap_or(if write {
                 Outcome::Indeterminate
             } else {
@@ -98,6 +103,7 @@ impl Client {
     }
 
     pub async fn deploy(&self, tenant: &str, wasm: Vec<u8>) -> Result<DeployResponse, ClientError> {
+        check_size("the module", wasm.len(), MAX_MODULE_BYTES).map_err(ClientError::Invalid)?;
         let mut c = self.connect().await?;
         let req = self.request(DeployRequest {
             tenant: tenant.into(),
@@ -115,6 +121,8 @@ impl Client {
         command: Vec<u8>,
         session: Option<(String, u64)>,
     ) -> Result<ExecResponse, ClientError> {
+        check_size("the command", command.len(), MAX_COMMAND_BYTES)
+            .map_err(ClientError::Invalid)?;
         let mut c = self.connect().await?;
         let (client_id, seq) = session.unwrap_or_default();
         let req = self.request(ExecRequest {
@@ -135,6 +143,7 @@ impl Client {
         query: Vec<u8>,
         consistency: Consistency,
     ) -> Result<QueryResponse, ClientError> {
+        check_size("the query", query.len(), MAX_QUERY_BYTES).map_err(ClientError::Invalid)?;
         let mut c = self.connect().await?;
         let req = self.request(QueryRequest {
             tenant: tenant.into(),

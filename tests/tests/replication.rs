@@ -41,6 +41,7 @@ async fn elects_one_leader_and_deploys_through_a_follower() {
         1,
         "the nodes disagree on the cluster id: {cluster_ids:?}"
     );
+    assert!(!cluster_ids.contains(""), "a node reports no cluster id");
 
     let deployed = cluster.deploy(follower, "kv", "kv").await;
     assert_eq!(
