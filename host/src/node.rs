@@ -20,6 +20,8 @@ use crate::wasm::{Limits, Runtime};
 
 /// Requests queued for the Raft loop before new ones get `RESOURCE_EXHAUSTED`.
 const RAFT_INBOX: usize = 65_536;
+/// How long past the request timeout a stopping node waits for open requests.
+const SHUTDOWN_SLACK: Duration = Duration::from_secs(2);
 
 /// Everything a node is started with.
 #[derive(Debug, Clone)]
@@ -123,6 +125,7 @@ pub async fn run(
         modules,
         request_timeout: config.request_timeout,
     });
+    let (stopping_tx, stopping_rx) = watch::channel(false);
     let peer_service = PeerService::new(
         Membership {
             cluster_id,
@@ -130,6 +133,7 @@ pub async fn run(
             members,
         },
         raft_tx.clone(),
+        stopping_rx,
     );
     tracing::info!(id = config.id, listen = %config.listen, cluster = format!("{cluster_id:016x}"), data_dir = %config.data_dir.display(), "wraft node starting (plain text: no TLS)");
 
@@ -138,6 +142,7 @@ pub async fn run(
         .with_context(|| format!("listen on {}", config.listen))?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let (fatal_seen_tx, fatal_seen_rx) = tokio::sync::oneshot::channel::<String>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let stop = async move {
         tokio::select! {
             _ = shutdown => {}
@@ -147,13 +152,27 @@ pub async fn run(
                 }
             }
         }
+        tracing::info!("stopping: no new requests; answering those in flight");
+        let _ = stopping_tx.send(true);
+        let _ = stop_tx.send(());
     };
-    let served = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(ClientService::new(ctx).into_server())
         .add_service(peer_service.into_server())
-        .serve_with_incoming_shutdown(incoming, stop)
-        .await;
+        .serve_with_incoming_shutdown(incoming, stop);
+    tokio::pin!(server);
+    // In-flight requests end within their own timeouts; the drain is bounded all the same.
+    let served = tokio::select! {
+        result = &mut server => result,
+        _ = async {
+            let _ = stop_rx.await;
+            tokio::time::sleep(config.request_timeout + SHUTDOWN_SLACK).await;
+        } => {
+            tracing::warn!("requests still open after the shutdown grace period; stopping anyway");
+            Ok(())
+        }
+    };
 
     // Stop the loop (which stops the apply stage after it), then wait for both threads so that
     // checkpoints are written and RocksDB is closed before the process exits.

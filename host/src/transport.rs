@@ -12,7 +12,6 @@
 //! panics on some malformed input.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -220,11 +219,22 @@ pub struct Membership {
 pub struct PeerService {
     membership: Membership,
     raft: SyncSender<RaftInput>,
+    /// Becomes true when the node stops: peer streams never end on their own, and a graceful
+    /// server shutdown waits for every open request, so each stream ends itself on this signal.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl PeerService {
-    pub fn new(membership: Membership, raft: SyncSender<RaftInput>) -> Self {
-        Self { membership, raft }
+    pub fn new(
+        membership: Membership,
+        raft: SyncSender<RaftInput>,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            membership,
+            raft,
+            stopping,
+        }
     }
 
     /// The tonic server for this service, with deliberate message limits.
@@ -258,8 +268,6 @@ impl PeerService {
     }
 }
 
-type AckFuture = Pin<Box<dyn std::future::Future<Output = Result<RaftAck, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn raft(
@@ -267,39 +275,34 @@ impl Peer for PeerService {
         request: Request<Streaming<RaftBatch>>,
     ) -> Result<Response<RaftAck>, Status> {
         let mut stream = request.into_inner();
-        let fut: AckFuture = {
-            let this = PeerService {
-                membership: self.membership.clone(),
-                raft: self.raft.clone(),
+        let mut stopping = self.stopping.clone();
+        loop {
+            let batch = tokio::select! {
+                next = stream.next() => match next {
+                    Some(batch) => batch?,
+                    None => break,
+                },
+                _ = stopping.wait_for(|stop| *stop) => break,
             };
-            Box::pin(async move {
-                while let Some(batch) = stream.next().await {
-                    let batch = batch?;
-                    this.admit(&batch)?;
-                    for bytes in &batch.messages {
-                        let msg = match Message::parse_from_bytes(bytes) {
-                            Ok(m) => m,
-                            Err(err) => {
-                                return Err(Status::invalid_argument(format!(
-                                    "undecodable raft message from node {}: {err}",
-                                    batch.from
-                                )))
-                            }
-                        };
-                        if let Err(why) = validate(&msg, batch.from, this.membership.self_id) {
-                            tracing::warn!(from = batch.from, %why, "dropping an invalid raft message");
-                            continue;
-                        }
-                        if this.raft.try_send(RaftInput::Peer(msg)).is_err() {
-                            // The Raft loop is saturated or stopping: raft tolerates loss.
-                            tracing::debug!("raft inbox full; dropping a peer message");
-                        }
-                    }
+            self.admit(&batch)?;
+            for bytes in &batch.messages {
+                let msg = Message::parse_from_bytes(bytes).map_err(|err| {
+                    Status::invalid_argument(format!(
+                        "undecodable raft message from node {}: {err}",
+                        batch.from
+                    ))
+                })?;
+                if let Err(why) = validate(&msg, batch.from, self.membership.self_id) {
+                    tracing::warn!(from = batch.from, %why, "dropping an invalid raft message");
+                    continue;
                 }
-                Ok(RaftAck {})
-            })
-        };
-        fut.await.map(Response::new)
+                if self.raft.try_send(RaftInput::Peer(msg)).is_err() {
+                    // The Raft loop is saturated or stopping: raft tolerates loss.
+                    tracing::debug!("raft inbox full; dropping a peer message");
+                }
+            }
+        }
+        Ok(Response::new(RaftAck {}))
     }
 }
 

@@ -9,7 +9,9 @@ use tokio::task::JoinSet;
 use wraft_tests::api::module_error::Kind;
 use wraft_tests::api::{Consistency, Role};
 use wraft_tests::cluster::{exec_on, exec_request};
-use wraft_tests::{json, plugin_bytes, run_cli, sha256_hex, within, Cluster, ExecOutcome};
+use wraft_tests::{
+    json, plugin_bytes, run_cli, sha256_hex, within, Cluster, ExecOutcome, QueryOutcome,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn elects_one_leader_and_deploys_through_a_follower() {
@@ -93,9 +95,10 @@ async fn elects_one_leader_and_deploys_through_a_follower() {
 
 const PUTS: usize = 1000;
 const PUT_TASKS: usize = 16;
-/// Definite errors (nothing applied) a put may be retried after, e.g. during an election that
-/// CPU starvation on a loaded test machine provoked.
-const DEFINITE_RETRIES: u32 = 10;
+/// How often a put may be retried after an error, e.g. during an election that CPU starvation
+/// on a loaded test machine provoked. A put is idempotent, so retrying even an indeterminate
+/// one is safe: it can only find its own value as `prev`.
+const PUT_RETRIES: u32 = 10;
 
 fn put_key(i: usize) -> String {
     format!("key-{i:04}")
@@ -117,18 +120,27 @@ async fn concurrent_puts_reach_every_replica() {
             for i in (t..PUTS).step_by(PUT_TASKS) {
                 let key = put_key(i);
                 let command = json!({"op": "put", "key": key, "value": format!("value-{i}")});
-                let mut attempt = 0;
+                let (mut attempt, mut maybe_applied) = (0, false);
                 loop {
                     let request = exec_request("kv", command.to_string().into_bytes(), "", 0);
                     let what = format!("put {key} through node {node}");
                     match exec_on(&mut client, request, &what).await {
                         ExecOutcome::Ok { index, output } => {
-                            assert_eq!(json(&output), json!({"prev": null}), "{what}");
+                            let prev = json(&output);
+                            let own = json!({"prev": format!("value-{i}")});
+                            assert!(
+                                prev == json!({"prev": null}) || (maybe_applied && prev == own),
+                                "{what} (attempt {attempt}, an earlier attempt may have been \
+                                 applied: {maybe_applied}): prev {prev}"
+                            );
                             max_index = max_index.max(index);
                             break;
                         }
-                        ExecOutcome::Definite(s) if attempt < DEFINITE_RETRIES => {
-                            eprintln!("{what}: definite {:?} {}; retrying", s.code(), s.message());
+                        out @ (ExecOutcome::Definite(_) | ExecOutcome::Indeterminate(_))
+                            if attempt < PUT_RETRIES =>
+                        {
+                            eprintln!("{what} (attempt {attempt}): {out}; retrying");
+                            maybe_applied |= matches!(out, ExecOutcome::Indeterminate(_));
                             attempt += 1;
                             retries += 1;
                             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -149,7 +161,7 @@ async fn concurrent_puts_reach_every_replica() {
         }
     })
     .await;
-    eprintln!("{PUTS} puts acknowledged; last index {last_index}; {retries} retries after definite errors");
+    eprintln!("{PUTS} puts acknowledged; last index {last_index}; {retries} retries after errors");
 
     // Every replica holds every put, read from its own state.
     for &id in &ids {
@@ -235,7 +247,8 @@ async fn concurrent_adds_sum_exactly() {
         let node = ids[t % ids.len()];
         let mut client = cluster.client(node);
         tasks.spawn(async move {
-            let (mut acked, mut values, mut definite, mut max_index) = (0u64, Vec::new(), 0, 0);
+            let (mut acked, mut values, mut definite, mut unknown, mut max_index) =
+                (0u64, Vec::new(), 0, 0u64, 0);
             for j in 0..ADDS_PER_TASK {
                 let n = ((t * 31 + j * 7) % 100 + 1) as u64;
                 let request = exec_request(
@@ -256,64 +269,79 @@ async fn concurrent_adds_sum_exactly() {
                     }
                     // Not applied: left out of the sum, and not retried.
                     ExecOutcome::Definite(_) => definite += 1,
-                    other => panic!(
-                        "{what}: {other} (a healthy cluster should give no indeterminate outcome)"
-                    ),
+                    // Perhaps applied (e.g. an election provoked by a starved test machine):
+                    // not retried either, and the final value is then only bounded.
+                    ExecOutcome::Indeterminate(s) => {
+                        eprintln!("{what}: indeterminate {:?} {}", s.code(), s.message());
+                        unknown += n;
+                    }
+                    other => panic!("{what}: {other}"),
                 }
             }
-            (acked, values, definite, max_index)
+            (acked, values, definite, unknown, max_index)
         });
     }
-    let (mut acked, mut values, mut definite, mut last_index) = (0, Vec::new(), 0, 0);
+    let (mut acked, mut values, mut definite, mut unknown, mut last_index) =
+        (0, Vec::new(), 0, 0, 0);
     within(Duration::from_secs(300), "concurrent adds", async {
         while let Some(result) = tasks.join_next().await {
-            let (a, v, d, m) = result.expect("an add task failed");
+            let (a, v, d, u, m) = result.expect("an add task failed");
             acked += a;
             values.extend(v);
             definite += d;
+            unknown += u;
             last_index = last_index.max(m);
         }
     })
     .await;
     eprintln!(
-        "{} adds acknowledged summing to {acked}; {definite} definite errors",
+        "{} adds acknowledged summing to {acked}; {definite} definite errors; \
+         indeterminate adds summing to {unknown}",
         values.len()
     );
 
-    // Each acknowledged add saw a distinct running total (every n > 0), the largest being the sum.
-    let distinct: HashSet<u64> = values.iter().copied().collect();
-    assert_eq!(
-        distinct.len(),
-        values.len(),
-        "two adds returned the same running total"
-    );
-    assert_eq!(
-        values.iter().max().copied(),
-        Some(acked),
-        "the largest running total is not the sum of the adds"
-    );
-
-    let got = cluster
+    let query = cluster
         .query(
             leader,
             "counter",
             &json!({"op": "get"}),
             Consistency::Linearizable,
         )
-        .await
-        .expect_json("linearizable get");
+        .await;
+    let got = query.expect_json("linearizable get")["value"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("counter get without a value: {query}"));
+    // Each acknowledged add saw a distinct running total (every n > 0).
+    let distinct: HashSet<u64> = values.iter().copied().collect();
     assert_eq!(
-        got,
-        json!({"value": acked}),
-        "final counter vs the sum of acknowledged adds"
+        distinct.len(),
+        values.len(),
+        "two adds returned the same running total"
     );
+    if unknown == 0 {
+        assert_eq!(got, acked, "final counter vs the sum of acknowledged adds");
+        assert_eq!(
+            values.iter().max().copied(),
+            Some(acked),
+            "the largest running total is not the sum of the adds"
+        );
+    } else {
+        assert!(
+            (acked..=acked + unknown).contains(&got),
+            "final counter {got} outside [acked {acked}, acked + indeterminate {}]",
+            acked + unknown
+        );
+    }
+    let QueryOutcome::Ok { index, .. } = query else {
+        unreachable!("checked by expect_json")
+    };
     for &id in &ids {
-        cluster.wait_applied(id, last_index).await;
-        let got = cluster
+        cluster.wait_applied(id, last_index.max(index)).await;
+        let got_here = cluster
             .query(id, "counter", &json!({"op": "get"}), Consistency::Stale)
             .await
             .expect_json(&format!("stale get on node {id}"));
-        assert_eq!(got, json!({"value": acked}), "node {id}'s counter");
+        assert_eq!(got_here, json!({"value": got}), "node {id}'s counter");
     }
 }
 

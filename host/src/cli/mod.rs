@@ -3,6 +3,7 @@
 //! Exit codes are a contract: 0 success; 2 usage; 3 definite failure (nothing applied, or the
 //! module's own error); 4 indeterminate (the command may have been applied).
 
+mod bench;
 mod digest;
 mod exec;
 mod query;
@@ -50,6 +51,8 @@ enum Command {
     Status(status::Args),
     /// Show each endpoint's hash of a tenant's state, to compare replicas.
     Digest(digest::Args),
+    /// Load a kv tenant with puts and gets; prints throughput and latency percentiles.
+    Bench(bench::Args),
 }
 
 /// Parses the command line and runs the command.
@@ -75,6 +78,7 @@ pub fn main() -> ExitCode {
             Command::Query(args) => query::run(args).await,
             Command::Status(args) => status::run(args).await,
             Command::Digest(args) => digest::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     })
 }
