@@ -13,6 +13,8 @@ export WRAFT_REQUIRE_PLUGINS=1
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
+  # nextest does not run doctests; the SDK's crate doc is the plugin author's first example.
+  cargo test --doc -p wraft-guest-sdk
 else
   cargo test --workspace --no-fail-fast
 fi

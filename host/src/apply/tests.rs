@@ -103,7 +103,9 @@ impl Harness {
         let mut hs = self.raft.hard_state();
         hs.commit = index;
         hs.term = 1;
-        self.raft.append(std::slice::from_ref(&entry), Some(&hs), true).unwrap();
+        self.raft
+            .append(std::slice::from_ref(&entry), Some(&hs), true)
+            .unwrap();
         let mut answers = Vec::new();
         let waiters = ops
             .iter()

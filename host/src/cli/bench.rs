@@ -250,7 +250,7 @@ impl From<String> for Setup {
 async fn bench(args: Args) -> Result<ExitCode, Setup> {
     let endpoints = args.endpoints.endpoints;
     if endpoints.is_empty() {
-        return Err("no endpoints given".to_string().into());
+        return Err(Setup::usage("no endpoints given".to_string()));
     }
     let connections = args.connections.unwrap_or(args.clients.min(8));
     let value_size = usize::try_from(args.value_size)
