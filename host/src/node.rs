@@ -20,6 +20,8 @@ use crate::wasm::{Limits, Runtime};
 
 /// Requests queued for the Raft loop before new ones get `RESOURCE_EXHAUSTED`.
 const RAFT_INBOX: usize = 65_536;
+/// Test-only: set to 1 to break linearizable reads on purpose (see `NodeContext`).
+pub const STALE_READS_ENV: &str = "WRAFT_TEST_STALE_LINEARIZABLE_READS";
 /// How long past the request timeout a stopping node waits for open requests.
 const SHUTDOWN_SLACK: Duration = Duration::from_secs(2);
 
@@ -31,6 +33,9 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Initial members: id → HOST:PORT (including this node).
     pub peers: BTreeMap<u64, String>,
+    /// Where to connect to a peer when that differs from its address in `peers` (a proxy, NAT).
+    /// Membership and the cluster id depend on `peers` only.
+    pub dial: BTreeMap<u64, String>,
     pub request_timeout: Duration,
 }
 
@@ -94,7 +99,14 @@ pub async fn run(
     let (apply_tx, apply_rx) = crossbeam_channel::unbounded();
     let (status_tx, status_rx) = watch::channel(RaftStatus::default());
     let members: Arc<HashMap<u64, String>> = Arc::new(config.peers.clone().into_iter().collect());
-    let transport = Transport::start(cluster_id, config.id, &members, raft_tx.clone());
+    let mut dial: HashMap<u64, String> = config.peers.clone().into_iter().collect();
+    dial.extend(config.dial.clone());
+    let dial = Arc::new(dial);
+    let transport = Transport::start(cluster_id, config.id, &dial, raft_tx.clone());
+    let stale_reads = std::env::var_os(STALE_READS_ENV).is_some_and(|v| v == "1");
+    if stale_reads {
+        tracing::warn!("{STALE_READS_ENV}=1: linearizable reads are served from local state WITHOUT ReadIndex; for testing the checker only");
+    }
 
     let apply_thread = std::thread::Builder::new()
         .name("apply".into())
@@ -120,6 +132,8 @@ pub async fn run(
         raft_status: status_rx,
         view,
         members: members.clone(),
+        dial,
+        stale_reads_as_linearizable: stale_reads,
         runtime,
         limits,
         modules,

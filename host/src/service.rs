@@ -44,6 +44,11 @@ pub struct NodeContext {
     pub raft_status: watch::Receiver<RaftStatus>,
     pub view: SharedView,
     pub members: Arc<HashMap<u64, String>>,
+    /// Where to connect to each member (its address, or a `--dial` override).
+    pub dial: Arc<HashMap<u64, String>>,
+    /// A deliberately broken mode that serves "linearizable" reads from local state, so the
+    /// fault tests can show their checker catches stale reads. Never set in production.
+    pub stale_reads_as_linearizable: bool,
     pub runtime: Runtime,
     pub limits: Limits,
     pub modules: ModuleCache,
@@ -108,7 +113,7 @@ impl ClientService {
     fn leader_client(&self, leader: u64) -> Result<WraftClient<Channel>, Error> {
         let addr = self
             .ctx
-            .members
+            .dial
             .get(&leader)
             .ok_or_else(|| Error::Internal(format!("leader {leader} has no known address")))?;
         let mut cache = self
@@ -353,6 +358,7 @@ impl Wraft for ClientService {
         let deadline = Instant::now() + self.ctx.request_timeout;
         let min_index = match Consistency::try_from(req.consistency) {
             Ok(Consistency::Stale) => 0,
+            Ok(Consistency::Linearizable) if self.ctx.stale_reads_as_linearizable => 0,
             Ok(Consistency::Linearizable) => match self.route(forwarded).await? {
                 Route::Forward(leader, mut client) => {
                     return client

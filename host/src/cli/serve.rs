@@ -23,6 +23,10 @@ pub struct Args {
     /// one-node cluster of this node.
     #[arg(long, value_delimiter = ',')]
     peers: Vec<String>,
+    /// Connect to these peers at another address than --peers gives (`ID=HOST:PORT,...`), e.g.
+    /// through a proxy. Membership and the cluster id still come from --peers.
+    #[arg(long, value_delimiter = ',')]
+    dial: Vec<String>,
     /// How long a write may wait to be applied before its client gets an indeterminate error.
     #[arg(long, default_value_t = 5000)]
     request_timeout_ms: u64,
@@ -39,11 +43,23 @@ pub async fn run(args: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let dial = match parse_id_addrs(&args.dial, "--dial") {
+        Ok(d) => d,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(id) = dial.keys().find(|id| !peers.contains_key(id)) {
+        eprintln!("error: --dial names node {id}, which is not in --peers");
+        return ExitCode::from(2);
+    }
     let config = NodeConfig {
         id: args.id,
         listen: args.listen,
         data_dir: args.data_dir,
         peers,
+        dial,
         request_timeout: Duration::from_millis(args.request_timeout_ms),
     };
     match node::run(config, shutdown_signal()).await {
@@ -60,27 +76,31 @@ fn parse_peers(
     id: u64,
     listen: SocketAddr,
 ) -> Result<BTreeMap<u64, String>, String> {
-    let mut peers = BTreeMap::new();
     if list.is_empty() {
-        peers.insert(id, listen.to_string());
-        return Ok(peers);
+        return Ok(BTreeMap::from([(id, listen.to_string())]));
     }
+    parse_id_addrs(list, "--peers")
+}
+
+/// Parses `ID=HOST:PORT` items.
+fn parse_id_addrs(list: &[String], flag: &str) -> Result<BTreeMap<u64, String>, String> {
+    let mut out = BTreeMap::new();
     for item in list {
         let (pid, addr) = item
             .split_once('=')
-            .ok_or_else(|| format!("--peers entry `{item}` is not ID=HOST:PORT"))?;
+            .ok_or_else(|| format!("{flag} entry `{item}` is not ID=HOST:PORT"))?;
         let pid: u64 = pid
             .trim()
             .parse()
-            .map_err(|_| format!("--peers entry `{item}`: `{pid}` is not a node id"))?;
+            .map_err(|_| format!("{flag} entry `{item}`: `{pid}` is not a node id"))?;
         if pid == 0 {
-            return Err(format!("--peers entry `{item}`: node ids start at 1"));
+            return Err(format!("{flag} entry `{item}`: node ids start at 1"));
         }
-        if peers.insert(pid, addr.trim().to_string()).is_some() {
-            return Err(format!("--peers names node {pid} twice"));
+        if out.insert(pid, addr.trim().to_string()).is_some() {
+            return Err(format!("{flag} names node {pid} twice"));
         }
     }
-    Ok(peers)
+    Ok(out)
 }
 
 async fn shutdown_signal() {
