@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use wraft_proto::client::wraft_client::WraftClient;
 use wraft_proto::client::*;
 
@@ -48,6 +48,8 @@ pub struct Client {
     endpoints: Vec<String>,
     connect_timeout: Duration,
     request_timeout: Duration,
+    /// TLS for every connection (`https://`), or plain text when `None`.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Client {
@@ -57,26 +59,52 @@ impl Client {
             endpoints,
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(15),
+            tls: None,
         }
     }
 
-    /// Connects to one endpoint.
+    /// Uses TLS (`Some`) or plain text (`None`) for every connection.
+    pub fn with_tls(mut self, tls: Option<ClientTlsConfig>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Connects to one endpoint in plain text (or as its `https://` URL says).
     pub async fn connect_one(
         endpoint: &str,
         connect_timeout: Duration,
     ) -> Result<WraftClient<Channel>, String> {
-        let url = if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
-            endpoint.to_string()
-        } else {
-            format!("http://{endpoint}")
-        };
-        let channel = Endpoint::from_shared(url)
-            .map_err(|e| format!("{endpoint}: {e}"))?
+        Self::connect_one_tls(endpoint, connect_timeout, None).await
+    }
+
+    /// Connects to one endpoint, with TLS when `tls` is given.
+    pub async fn connect_one_tls(
+        endpoint: &str,
+        connect_timeout: Duration,
+        tls: Option<&ClientTlsConfig>,
+    ) -> Result<WraftClient<Channel>, String> {
+        let url = crate::tls::url(endpoint, tls.is_some());
+        let mut builder = Endpoint::from_shared(url).map_err(|e| format!("{endpoint}: {e}"))?;
+        if let Some(tls) = tls {
+            builder = builder
+                .tls_config(tls.clone())
+                .map_err(|e| format!("{endpoint}: TLS: {}", error_chain(&e)))?;
+        }
+        let channel = builder
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
             .connect()
             .await
-            .map_err(|e| format!("{endpoint}: {}", error_chain(&e)))?;
+            .map_err(|e| {
+                // A plain-text client gets no useful answer from a TLS node (nor the reverse):
+                // say what to check rather than only "connection reset".
+                let hint = if tls.is_some() {
+                    ""
+                } else {
+                    " (if the node serves TLS, pass --ca)"
+                };
+                format!("{endpoint}: {}{hint}", error_chain(&e))
+            })?;
         Ok(WraftClient::new(channel)
             .max_decoding_message_size(CLIENT_GRPC_MESSAGE_BYTES)
             .max_encoding_message_size(CLIENT_GRPC_MESSAGE_BYTES))
@@ -85,7 +113,7 @@ impl Client {
     async fn connect(&self) -> Result<WraftClient<Channel>, ClientError> {
         let mut last = String::from("no endpoints given");
         for endpoint in &self.endpoints {
-            match Self::connect_one(endpoint, self.connect_timeout).await {
+            match Self::connect_one_tls(endpoint, self.connect_timeout, self.tls.as_ref()).await {
                 Ok(c) => return Ok(c),
                 Err(e) => last = e,
             }
@@ -94,6 +122,26 @@ impl Client {
             endpoints: self.endpoints.join(","),
             last,
         })
+    }
+
+    /// A failed call's status. A plain-text client talking to a TLS node sees only an HTTP/2
+    /// protocol error (the node answered with a TLS alert), so that case gets a hint.
+    fn status_error(&self, status: tonic::Status) -> ClientError {
+        let plain_to_tls = self.tls.is_none()
+            && status.code() == tonic::Code::Internal
+            && status.message().contains("h2 protocol error");
+        if !plain_to_tls {
+            return ClientError::Status(status);
+        }
+        let message = format!(
+            "{} (a connection error: if the node serves TLS, pass --ca, and --cert/--key if it requires client certificates)",
+            status.message()
+        );
+        ClientError::Status(tonic::Status::with_metadata(
+            status.code(),
+            message,
+            status.metadata().clone(),
+        ))
     }
 
     fn request<T>(&self, body: T) -> tonic::Request<T> {
@@ -112,7 +160,7 @@ impl Client {
         c.deploy(req)
             .await
             .map(|r| r.into_inner())
-            .map_err(ClientError::Status)
+            .map_err(|s| self.status_error(s))
     }
 
     pub async fn exec(
@@ -134,7 +182,7 @@ impl Client {
         c.exec(req)
             .await
             .map(|r| r.into_inner())
-            .map_err(ClientError::Status)
+            .map_err(|s| self.status_error(s))
     }
 
     pub async fn query(
@@ -153,12 +201,17 @@ impl Client {
         c.query(req)
             .await
             .map(|r| r.into_inner())
-            .map_err(ClientError::Status)
+            .map_err(|s| self.status_error(s))
     }
 
     /// Status of one specific endpoint (no failover: the caller asked about that node).
     pub async fn status_of(endpoint: &str) -> Result<StatusResponse, ClientError> {
-        let mut c = Self::connect_one(endpoint, Duration::from_secs(2))
+        Self::new(Vec::new()).status_at(endpoint).await
+    }
+
+    /// Status of one specific endpoint, with this client's TLS settings.
+    pub async fn status_at(&self, endpoint: &str) -> Result<StatusResponse, ClientError> {
+        let mut c = Self::connect_one_tls(endpoint, Duration::from_secs(2), self.tls.as_ref())
             .await
             .map_err(|last| ClientError::Unreachable {
                 endpoints: endpoint.into(),
@@ -169,12 +222,21 @@ impl Client {
         c.status(req)
             .await
             .map(|r| r.into_inner())
-            .map_err(ClientError::Status)
+            .map_err(|s| self.status_error(s))
     }
 
     /// Digest of a tenant on one specific endpoint.
     pub async fn digest_of(endpoint: &str, tenant: &str) -> Result<DigestResponse, ClientError> {
-        let mut c = Self::connect_one(endpoint, Duration::from_secs(2))
+        Self::new(Vec::new()).digest_at(endpoint, tenant).await
+    }
+
+    /// Digest of a tenant on one specific endpoint, with this client's TLS settings.
+    pub async fn digest_at(
+        &self,
+        endpoint: &str,
+        tenant: &str,
+    ) -> Result<DigestResponse, ClientError> {
+        let mut c = Self::connect_one_tls(endpoint, Duration::from_secs(2), self.tls.as_ref())
             .await
             .map_err(|last| ClientError::Unreachable {
                 endpoints: endpoint.into(),
@@ -187,7 +249,7 @@ impl Client {
         c.digest(req)
             .await
             .map(|r| r.into_inner())
-            .map_err(ClientError::Status)
+            .map_err(|s| self.status_error(s))
     }
 }
 

@@ -13,10 +13,12 @@
 //! - [`storage`]: RocksDB: the raft log and hard state, checkpoints, modules.
 //! - [`transport`]: raft messages between nodes, batched on one stream per peer, validated.
 //! - [`service`]: the client gRPC API.
+//! - [`tls`]: PEM files into TLS configurations; which certificates may speak for a peer.
 //! - [`envelope`]: the versioned format of log entries; proposal ids.
 //! - [`client`]: a client with endpoint failover (CLI, tests, benchmarks).
 //! - [`cli`]: the `wraft` command line.
-//! - [`error`], [`limits`], [`logging`]: what can fail, how big things may be, what is logged.
+//! - [`error`], [`limits`], [`logging`], [`metrics`]: what can fail, how big things may be,
+//!   what is logged and measured.
 
 pub mod apply;
 pub mod cli;
@@ -25,10 +27,12 @@ pub mod envelope;
 pub mod error;
 pub mod limits;
 pub mod logging;
+pub mod metrics;
 pub mod node;
 pub mod raft_loop;
 pub mod service;
 pub mod storage;
+pub mod tls;
 pub mod transport;
 pub mod wasm;
 

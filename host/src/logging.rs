@@ -21,9 +21,10 @@ pub fn init(json: bool) {
     };
 }
 
-/// A slog logger whose records become tracing events under the target `raft`.
-pub fn raft_logger(node_id: u64) -> slog::Logger {
-    slog::Logger::root(TracingDrain.fuse(), slog::o!("raft_id" => node_id))
+/// A slog logger whose records become tracing events under the target `raft` (raft-rs adds
+/// the node's `raft_id` to its records itself).
+pub fn raft_logger() -> slog::Logger {
+    slog::Logger::root(TracingDrain.fuse(), slog::o!())
 }
 
 struct TracingDrain;

@@ -37,6 +37,10 @@ pub struct NodeConfig {
     /// Membership and the cluster id depend on `peers` only.
     pub dial: BTreeMap<u64, String>,
     pub request_timeout: Duration,
+    /// Where to serve Prometheus metrics over HTTP, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// TLS for the port and for dialing peers and the leader (mutual TLS); `None`: plain text.
+    pub tls: Option<crate::tls::NodeTls>,
 }
 
 /// Runs a node until `shutdown` resolves or a fatal error stops it.
@@ -92,7 +96,7 @@ pub async fn run(
         ..Default::default()
     };
     raft_config.validate().context("raft configuration")?;
-    let logger = crate::logging::raft_logger(config.id);
+    let logger = crate::logging::raft_logger();
     let raw = RawNode::new(&raft_config, raft_storage, &logger).context("start raft")?;
 
     let (raft_tx, raft_rx) = crossbeam_channel::bounded(RAFT_INBOX);
@@ -102,7 +106,8 @@ pub async fn run(
     let mut dial: HashMap<u64, String> = config.peers.clone().into_iter().collect();
     dial.extend(config.dial.clone());
     let dial = Arc::new(dial);
-    let transport = Transport::start(cluster_id, config.id, &dial, raft_tx.clone());
+    let peer_tls = config.tls.as_ref().map(|t| t.client.clone());
+    let transport = Transport::start(cluster_id, config.id, &dial, raft_tx.clone(), peer_tls);
     let stale_reads = std::env::var_os(STALE_READS_ENV).is_some_and(|v| v == "1");
     if stale_reads {
         tracing::warn!("{STALE_READS_ENV}=1: linearizable reads are served from local state WITHOUT ReadIndex; for testing the checker only");
@@ -138,6 +143,7 @@ pub async fn run(
         limits,
         modules,
         request_timeout: config.request_timeout,
+        tls: config.tls.as_ref().map(|t| t.client.clone()),
     });
     let (stopping_tx, stopping_rx) = watch::channel(false);
     let peer_service = PeerService::new(
@@ -148,29 +154,69 @@ pub async fn run(
         },
         raft_tx.clone(),
         stopping_rx,
-    );
-    tracing::info!(id = config.id, listen = %config.listen, cluster = format!("{cluster_id:016x}"), data_dir = %config.data_dir.display(), "wraft node starting (plain text: no TLS)");
+    )
+    .require_peer_certificates(config.tls.is_some());
+    tracing::info!(id = config.id, listen = %config.listen, cluster = format!("{cluster_id:016x}"), data_dir = %config.data_dir.display(), security = config.tls.as_ref().map_or("plain text: no TLS", |t| t.describe()), "wraft node starting");
 
+    // Metrics get a port of their own so scraping never competes with client or peer traffic.
+    let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = config.metrics_listen {
+        tokio::spawn(async move {
+            let stop = async {
+                let _ = metrics_stop_rx.await;
+            };
+            if let Err(err) = crate::metrics::serve(addr, stop).await {
+                tracing::error!(%addr, %err, "the metrics endpoint stopped");
+            }
+        });
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let (fatal_seen_tx, fatal_seen_rx) = tokio::sync::oneshot::channel::<String>();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let stop = async move {
-        tokio::select! {
-            _ = shutdown => {}
-            why = fatal_rx => {
-                if let Ok(why) = why {
-                    let _ = fatal_seen_tx.send(why);
+    // Nagle's algorithm with delayed ACKs puts ~40 ms under every small request, and tonic's
+    // own nodelay setting does not reach sockets from a listener we pass in: set it per socket.
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |conn| {
+            if let Ok(stream) = &conn {
+                if let Err(err) = stream.set_nodelay(true) {
+                    tracing::debug!(%err, "cannot set TCP_NODELAY on an accepted connection");
                 }
             }
+            conn
+        },
+    );
+    let (fatal_seen_tx, fatal_seen_rx) = tokio::sync::oneshot::channel::<String>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // The order of a stop matters. First the Raft loop is told (a leader hands leadership to a
+    // caught-up voter) while peer traffic still flows: cutting peers off first would cost the
+    // leader its quorum and strand the writes in flight. The loop ends once leadership has moved
+    // (or after a bounded wait); only then do peer streams end and the server drain.
+    let raft_stop = raft_tx.clone();
+    let stop = async move {
+        let mut fatal_rx = fatal_rx;
+        let finished = tokio::select! {
+            _ = shutdown => {
+                tracing::info!("stopping: handing leadership over, then closing");
+                let _ = tokio::task::spawn_blocking(move || raft_stop.send(RaftInput::Shutdown).is_ok()).await;
+                (&mut fatal_rx).await
+            }
+            why = &mut fatal_rx => why,
+        };
+        if let Ok(why) = finished {
+            let _ = fatal_seen_tx.send(why);
         }
         tracing::info!("stopping: no new requests; answering those in flight");
         let _ = stopping_tx.send(true);
         let _ = stop_tx.send(());
     };
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder
+            .tls_config(tls.server.clone())
+            .context("TLS configuration")?;
+    }
+    let server = builder
         .tcp_nodelay(true)
         .add_service(ClientService::new(ctx).into_server())
         .add_service(peer_service.into_server())
@@ -188,6 +234,7 @@ pub async fn run(
         }
     };
 
+    let _ = metrics_stop_tx.send(());
     // Stop the loop (which stops the apply stage after it), then wait for both threads so that
     // checkpoints are written and RocksDB is closed before the process exits.
     let _ = raft_tx.send(RaftInput::Shutdown);

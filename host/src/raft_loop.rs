@@ -21,6 +21,7 @@ use wraft_proto::ENVELOPE_VERSION;
 use crate::apply::{ApplyInput, Waiter};
 use crate::envelope::{self, ProposalIds};
 use crate::limits::MAX_ENTRY_BYTES;
+use crate::metrics::METRICS;
 use crate::storage::RaftStorage;
 use crate::transport::Transport;
 use crate::{Applied, Error};
@@ -37,6 +38,8 @@ const READ_RETRY: Duration = Duration::from_millis(300);
 /// How many inbox messages one loop iteration takes before it handles a Ready, so that a flood
 /// of peer messages cannot starve ticks.
 const MAX_DRAIN: usize = 4096;
+/// How long a stopping leader waits for its leadership transfer to complete.
+const TRANSFER_ON_STOP: Duration = Duration::from_secs(2);
 
 /// What the Raft loop is asked to do.
 pub enum RaftInput {
@@ -94,6 +97,9 @@ pub struct RaftLoop {
     /// Outstanding ReadIndex requests by context, with when they were last issued.
     reads: HashMap<u64, PendingRead>,
     next_read_ctx: u64,
+    /// Set once shutdown is asked for: the loop keeps running until leadership has moved to
+    /// another node (so the cluster does not wait out an election) or this deadline passes.
+    stopping: Option<Instant>,
 }
 
 struct PendingRead {
@@ -119,6 +125,7 @@ impl RaftLoop {
             ids,
             reads: HashMap::new(),
             next_read_ctx: 1,
+            stopping: None,
         }
     }
 
@@ -143,7 +150,7 @@ impl RaftLoop {
                             RaftInput::ReadIndex(r) => reads.push(r),
                             RaftInput::Peer(m) => self.step(m),
                             RaftInput::Unreachable(id) => self.raw.report_unreachable(id),
-                            RaftInput::Shutdown => return self.shutdown(),
+                            RaftInput::Shutdown => self.begin_shutdown(),
                         }
                         taken += 1;
                         if taken < MAX_DRAIN {
@@ -168,6 +175,39 @@ impl RaftLoop {
             self.read_index(reads);
             self.on_ready()?;
             self.publish_status();
+            if let Some(deadline) = self.stopping {
+                if self.raw.raft.state != StateRole::Leader || Instant::now() >= deadline {
+                    return self.shutdown();
+                }
+            }
+        }
+    }
+
+    /// Starts stopping. A leader first hands leadership to its most caught-up voter, so the
+    /// cluster keeps serving without waiting out an election timeout.
+    fn begin_shutdown(&mut self) {
+        if self.stopping.is_some() {
+            return;
+        }
+        self.stopping = Some(Instant::now() + TRANSFER_ON_STOP);
+        if self.raw.raft.state != StateRole::Leader {
+            return;
+        }
+        let me = self.raw.raft.id;
+        let target = self
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != me && self.raw.raft.prs().conf().voters().contains(**id))
+            .max_by_key(|(_, pr)| pr.matched)
+            .map(|(id, _)| *id);
+        match target {
+            Some(id) => {
+                tracing::info!(to = id, "stopping: transferring leadership");
+                self.raw.transfer_leader(id);
+            }
+            None => tracing::info!("stopping: no other voter to transfer leadership to"),
         }
     }
 
@@ -182,6 +222,12 @@ impl RaftLoop {
     /// the registration and the committed entries travel on the same ordered channel.
     fn propose(&mut self, proposals: Vec<Proposal>) {
         if proposals.is_empty() {
+            return;
+        }
+        if self.stopping.is_some() {
+            for p in proposals {
+                let _ = p.reply.send(Err(Error::ShuttingDown));
+            }
             return;
         }
         if self.raw.raft.state != StateRole::Leader {
@@ -214,8 +260,11 @@ impl RaftLoop {
             ops,
         };
         let data = envelope::encode(&entry);
+        let ops = replies.len() as u64;
         match self.raw.propose(Vec::new(), data) {
             Ok(()) => {
+                METRICS.proposals.inc_by(ops);
+                METRICS.entries_proposed.inc();
                 let index = self.raw.raft.raft_log.last_index();
                 let waiters = entry
                     .ops
@@ -234,6 +283,7 @@ impl RaftLoop {
                 let _ = self.apply.send(ApplyInput::Track(waiters));
             }
             Err(err) => {
+                METRICS.proposals_dropped.inc_by(ops);
                 let reason = err.to_string();
                 for reply in replies {
                     let _ = reply.send(Err(Error::Dropped(reason.clone())));
@@ -320,9 +370,13 @@ impl RaftLoop {
         // 4. Persist new entries and the hard state in ONE synced write. Nothing this node
         //    promises (a vote, an append acknowledgement) may leave before it is durable.
         if !ready.entries().is_empty() || ready.hs().is_some() {
-            self.raw
-                .mut_store()
-                .append(ready.entries(), ready.hs(), ready.must_sync())?;
+            let started = Instant::now();
+            let sync = ready.must_sync();
+            self.raw.mut_store().append(ready.entries(), ready.hs(), sync)?;
+            METRICS
+                .storage_write_seconds
+                .with_label_values(&[if sync { "true" } else { "false" }])
+                .observe(started.elapsed().as_secs_f64());
         }
 
         // 5. Only now send the persisted messages: votes and append responses promise state
@@ -424,7 +478,14 @@ impl RaftLoop {
         }
         self.status.send_if_modified(|current| {
             if *current != next {
+                METRICS.term.set(next.term as i64);
+                METRICS.is_leader.set(i64::from(next.role == Role::Leader));
+                METRICS.commit_index.set(next.commit as i64);
+                METRICS
+                    .log_last_index
+                    .set(self.raw.raft.raft_log.last_index() as i64);
                 if current.role != next.role || current.term != next.term {
+                    METRICS.leader_changes.inc();
                     tracing::info!(role = ?next.role, term = next.term, leader = next.leader, "raft role changed");
                 }
                 *current = next;

@@ -53,6 +53,8 @@ pub struct NodeContext {
     pub limits: Limits,
     pub modules: ModuleCache,
     pub request_timeout: Duration,
+    /// TLS (with this node's own certificate) for forwarding to the leader; `None`: plain text.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// The `Wraft` service.
@@ -123,8 +125,14 @@ impl ClientService {
         if let Some(c) = cache.get(&leader) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Error::Internal(format!("leader {leader} address {addr}: {e}")))?
+        let mut endpoint = Endpoint::from_shared(crate::tls::url(addr, self.ctx.tls.is_some()))
+            .map_err(|e| Error::Internal(format!("leader {leader} address {addr}: {e}")))?;
+        if let Some(tls) = &self.ctx.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| Error::Internal(format!("leader {leader} TLS: {e}")))?;
+        }
+        let endpoint = endpoint
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true);
         let client = WraftClient::new(endpoint.connect_lazy())
@@ -136,6 +144,10 @@ impl ClientService {
 
     /// Builds the forwarded request: marked, and bounded by our own timeout plus slack.
     fn forward_request<T>(&self, body: T) -> Request<T> {
+        crate::metrics::METRICS
+            .forwarded
+            .with_label_values(&[std::any::type_name::<T>().rsplit("::").next().unwrap_or("request")])
+            .inc();
         let mut req = Request::new(body);
         req.metadata_mut().insert(
             FORWARDED_KEY,
@@ -213,6 +225,16 @@ impl ClientService {
 
     /// Confirms leadership (ReadIndex) and returns the index a linearizable read waits for.
     async fn read_index(&self, deadline: Instant) -> Result<u64, Error> {
+        let started = std::time::Instant::now();
+        let result = self.read_index_once(deadline).await;
+        crate::metrics::METRICS
+            .read_index_seconds
+            .with_label_values(&[if result.is_ok() { "ok" } else { "error" }])
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn read_index_once(&self, deadline: Instant) -> Result<u64, Error> {
         let (reply, answer) = oneshot::channel();
         self.ctx
             .raft
@@ -248,12 +270,9 @@ fn module_error(kind: module_error::Kind, message: String) -> ModuleError {
     }
 }
 
-#[tonic::async_trait]
-impl Wraft for ClientService {
-    async fn deploy(
-        &self,
-        request: Request<DeployRequest>,
-    ) -> Result<Response<DeployResponse>, Status> {
+/// The handlers, one per RPC: decode, validate, route, act, encode.
+impl ClientService {
+    async fn deploy_inner(&self, request: Request<DeployRequest>) -> Result<Response<DeployResponse>, Status> {
         let forwarded = is_forwarded(&request);
         let req = request.into_inner();
         check_tenant_name(&req.tenant)?;
@@ -302,7 +321,7 @@ impl Wraft for ClientService {
         }
     }
 
-    async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
+    async fn exec_inner(&self, request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
         let forwarded = is_forwarded(&request);
         let req = request.into_inner();
         check_tenant_name(&req.tenant)?;
@@ -347,10 +366,7 @@ impl Wraft for ClientService {
         }))
     }
 
-    async fn query(
-        &self,
-        request: Request<QueryRequest>,
-    ) -> Result<Response<QueryResponse>, Status> {
+    async fn query_inner(&self, request: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
         let forwarded = is_forwarded(&request);
         let req = request.into_inner();
         check_tenant_name(&req.tenant)?;
@@ -401,10 +417,7 @@ impl Wraft for ClientService {
         }))
     }
 
-    async fn status(
-        &self,
-        _request: Request<StatusRequest>,
-    ) -> Result<Response<StatusResponse>, Status> {
+    async fn status_inner(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let raft = self.ctx.raft_status.borrow().clone();
         let (applied, tenants) = match self.ctx.view.read() {
             Ok(v) => (
@@ -452,10 +465,7 @@ impl Wraft for ClientService {
         }))
     }
 
-    async fn digest(
-        &self,
-        request: Request<DigestRequest>,
-    ) -> Result<Response<DigestResponse>, Status> {
+    async fn digest_inner(&self, request: Request<DigestRequest>) -> Result<Response<DigestResponse>, Status> {
         let req = request.into_inner();
         check_tenant_name(&req.tenant)?;
         let deadline = Instant::now() + self.ctx.request_timeout;
@@ -477,6 +487,44 @@ impl Wraft for ClientService {
             state_hash: info.state_hash,
             module_hash: info.module_hash,
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl Wraft for ClientService {
+    async fn deploy(&self, request: Request<DeployRequest>) -> Result<Response<DeployResponse>, Status> {
+        let started = std::time::Instant::now();
+        let result = self.deploy_inner(request).await;
+        crate::metrics::observe_grpc("deploy", started, &result);
+        result
+    }
+
+    async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
+        let started = std::time::Instant::now();
+        let result = self.exec_inner(request).await;
+        crate::metrics::observe_grpc("exec", started, &result);
+        result
+    }
+
+    async fn query(&self, request: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
+        let started = std::time::Instant::now();
+        let result = self.query_inner(request).await;
+        crate::metrics::observe_grpc("query", started, &result);
+        result
+    }
+
+    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let started = std::time::Instant::now();
+        let result = self.status_inner(request).await;
+        crate::metrics::observe_grpc("status", started, &result);
+        result
+    }
+
+    async fn digest(&self, request: Request<DigestRequest>) -> Result<Response<DigestResponse>, Status> {
+        let started = std::time::Instant::now();
+        let result = self.digest_inner(request).await;
+        crate::metrics::observe_grpc("digest", started, &result);
+        result
     }
 }
 

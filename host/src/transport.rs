@@ -9,7 +9,8 @@
 //!
 //! Receiving ([`PeerService`]): peers are not clients. A stream is accepted only from a member of
 //! this cluster, and every message is checked ([`validate`]) before it reaches raft-rs, which
-//! panics on some malformed input.
+//! panics on some malformed input. With TLS on, a stream must also come with a node certificate
+//! from the cluster CA (see [`crate::tls`]), and peers are dialed with this node's own.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,13 +22,14 @@ use raft::eraftpb::{Message, MessageType};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
-use tonic::transport::Endpoint;
+use tonic::transport::{ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 use wraft_proto::peer::peer_client::PeerClient;
 use wraft_proto::peer::peer_server::Peer;
 use wraft_proto::peer::{RaftAck, RaftBatch};
 
 use crate::limits::{PEER_BATCH_BYTES, PEER_GRPC_MESSAGE_BYTES};
+use crate::metrics::METRICS;
 use crate::raft_loop::RaftInput;
 
 /// Messages queued for one peer before new ones are dropped.
@@ -43,11 +45,13 @@ pub struct Transport {
 
 impl Transport {
     /// Starts one sender task per peer (other than `self_id`) on the current tokio runtime.
+    /// With `tls`, every peer is dialed over TLS with this node's certificate (mutual TLS).
     pub fn start(
         cluster_id: u64,
         self_id: u64,
         peers: &HashMap<u64, String>,
         raft: SyncSender<RaftInput>,
+        tls: Option<ClientTlsConfig>,
     ) -> Self {
         let mut queues = HashMap::new();
         for (&id, addr) in peers {
@@ -62,6 +66,7 @@ impl Transport {
                 to: id,
                 addr: addr.clone(),
                 raft: raft.clone(),
+                tls: tls.clone(),
             };
             tokio::spawn(link.run(rx));
         }
@@ -73,9 +78,14 @@ impl Transport {
     /// Queues messages for their peers. Never blocks: the Raft loop calls it.
     pub fn send(&self, messages: Vec<Message>) {
         for msg in messages {
+            let msg_to = msg.to;
             match self.peers.get(&msg.to) {
                 Some(queue) => {
                     if queue.try_send(msg).is_err() {
+                        METRICS
+                            .peer_messages_dropped
+                            .with_label_values(&[to_label(msg_to).as_str(), "queue_full"])
+                            .inc();
                         tracing::debug!("peer queue full or closed; dropping a raft message");
                     }
                 }
@@ -85,6 +95,10 @@ impl Transport {
     }
 }
 
+fn to_label(id: u64) -> String {
+    id.to_string()
+}
+
 /// One peer's sender task.
 struct PeerLink {
     cluster_id: u64,
@@ -92,12 +106,17 @@ struct PeerLink {
     to: u64,
     addr: String,
     raft: SyncSender<RaftInput>,
+    tls: Option<ClientTlsConfig>,
 }
 
 impl PeerLink {
     async fn run(self, mut queue: mpsc::Receiver<Message>) {
         let mut backoff = BACKOFF_MIN;
-        let endpoint = match Endpoint::from_shared(format!("http://{}", self.addr)) {
+        let url = crate::tls::url(&self.addr, self.tls.is_some());
+        let endpoint = match Endpoint::from_shared(url).and_then(|e| match &self.tls {
+            Some(tls) => e.tls_config(tls.clone()),
+            None => Ok(e),
+        }) {
             Ok(e) => e
                 .connect_timeout(Duration::from_secs(1))
                 .tcp_nodelay(true)
@@ -121,7 +140,18 @@ impl PeerLink {
             let channel = match endpoint.connect().await {
                 Ok(c) => c,
                 Err(err) => {
-                    tracing::debug!(peer = self.to, %err, "cannot connect to peer");
+                    let why = crate::tls::error_chain(&err);
+                    // A peer that is down is routine; a certificate refusal will not heal by
+                    // retrying and must be seen: once per outage (backoff is still at its
+                    // minimum on the first failure), not at every retry.
+                    if self.tls.is_some()
+                        && backoff == BACKOFF_MIN
+                        && crate::tls::is_certificate_error(&why)
+                    {
+                        tracing::warn!(peer = self.to, addr = %self.addr, %why, "TLS refused: cannot connect to peer");
+                    } else {
+                        tracing::debug!(peer = self.to, %why, "cannot connect to peer");
+                    }
                     self.unreachable();
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -130,6 +160,10 @@ impl PeerLink {
                     continue;
                 }
             };
+            METRICS
+                .peer_reconnects
+                .with_label_values(&[self.to.to_string().as_str()])
+                .inc();
             let mut client = PeerClient::new(channel)
                 .max_decoding_message_size(PEER_GRPC_MESSAGE_BYTES)
                 .max_encoding_message_size(PEER_GRPC_MESSAGE_BYTES);
@@ -192,6 +226,15 @@ impl PeerLink {
             }
             next = queue.try_recv().ok();
         }
+        let peer = self.to.to_string();
+        METRICS
+            .peer_messages_sent
+            .with_label_values(&[peer.as_str()])
+            .inc_by(messages.len() as u64);
+        METRICS
+            .peer_bytes_sent
+            .with_label_values(&[peer.as_str()])
+            .inc_by(bytes as u64);
         let batch = RaftBatch {
             cluster_id: self.cluster_id,
             from: self.from,
@@ -222,6 +265,9 @@ pub struct PeerService {
     /// Becomes true when the node stops: peer streams never end on their own, and a graceful
     /// server shutdown waits for every open request, so each stream ends itself on this signal.
     stopping: tokio::sync::watch::Receiver<bool>,
+    /// With TLS on: a stream must come with a node certificate (see [`crate::tls`]). The TLS
+    /// handshake has already checked that any certificate chains to the cluster CA.
+    require_cert: bool,
 }
 
 impl PeerService {
@@ -234,7 +280,37 @@ impl PeerService {
             membership,
             raft,
             stopping,
+            require_cert: false,
         }
+    }
+
+    /// Refuses streams that do not come with a node certificate (TLS on).
+    pub fn require_peer_certificates(mut self, required: bool) -> Self {
+        self.require_cert = required;
+        self
+    }
+
+    /// Checks the connection's certificate, when certificates are required.
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if !self.require_cert {
+            return Ok(());
+        }
+        let is_node = request
+            .peer_certs()
+            .and_then(|certs| certs.first().map(crate::tls::is_peer_certificate))
+            .unwrap_or(false);
+        if is_node {
+            return Ok(());
+        }
+        let remote = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "an unknown address".into());
+        tracing::warn!(%remote, "refused raft traffic: no node certificate from the cluster CA");
+        Err(Status::unauthenticated(format!(
+            "raft traffic needs a node certificate (one naming `{}`) from the cluster CA",
+            crate::tls::PEER_NAME
+        )))
     }
 
     /// The tonic server for this service, with deliberate message limits.
@@ -274,6 +350,7 @@ impl Peer for PeerService {
         &self,
         request: Request<Streaming<RaftBatch>>,
     ) -> Result<Response<RaftAck>, Status> {
+        self.authenticate(&request)?;
         let mut stream = request.into_inner();
         let mut stopping = self.stopping.clone();
         loop {
@@ -296,6 +373,10 @@ impl Peer for PeerService {
                     tracing::warn!(from = batch.from, %why, "dropping an invalid raft message");
                     continue;
                 }
+                METRICS
+                    .peer_messages_received
+                    .with_label_values(&[batch.from.to_string().as_str()])
+                    .inc();
                 if self.raft.try_send(RaftInput::Peer(msg)).is_err() {
                     // The Raft loop is saturated or stopping: raft tolerates loss.
                     tracing::debug!("raft inbox full; dropping a peer message");

@@ -27,6 +27,7 @@ use crate::api::{
 };
 use crate::outcome::{ExecOutcome, QueryOutcome};
 use crate::paths::{plugin_bytes, wraft_bin};
+use crate::proxy::Network;
 use crate::wait::wait_until;
 use crate::{APPLY_TIMEOUT, LEADER_TIMEOUT, RPC_TIMEOUT};
 
@@ -81,6 +82,19 @@ struct Proc {
     /// How the last process ended on its own, if it did (a crash, a refusal to start).
     exited: Option<ExitStatus>,
     boots: u32,
+    /// Stopped with SIGSTOP and not yet continued.
+    paused: bool,
+}
+
+/// How [`Cluster::start_with`] starts its nodes; the default is what [`Cluster::start`] does.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    /// Put a fault proxy ([`Network`]) on every directed peer link (`--dial`).
+    pub proxies: bool,
+    /// Seeds the proxies' random choices (flaky links).
+    pub seed: u64,
+    /// Extra environment variables of every node process.
+    pub env: Vec<(String, String)>,
 }
 
 /// A set of `wraft` nodes that were started together with the same `--peers`.
@@ -89,6 +103,10 @@ pub struct Cluster {
     nodes: Vec<Node>,
     peers: String,
     dir: Option<TempDir>,
+    /// The proxies on the peer links, if the cluster was started with them.
+    net: Option<Network>,
+    /// Extra environment of every node process (every boot).
+    env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -99,8 +117,21 @@ impl Cluster {
         cluster
     }
 
+    /// Starts `n` nodes as `opts` says and waits until exactly one leader is known by all.
+    /// Must be called inside a tokio runtime (the proxies are tasks).
+    pub async fn start_with(n: usize, opts: ClusterOptions) -> Cluster {
+        let cluster = Cluster::launch_with(n, opts);
+        cluster.leader().await;
+        cluster
+    }
+
     /// Starts `n` nodes without waiting for anything.
     pub fn launch(n: usize) -> Cluster {
+        Cluster::launch_with(n, ClusterOptions::default())
+    }
+
+    /// Starts `n` nodes as `opts` says, without waiting for anything.
+    pub fn launch_with(n: usize, opts: ClusterOptions) -> Cluster {
         assert!(n > 0, "a cluster needs a node");
         let dir = tempfile::Builder::new()
             .prefix("wraft-test-")
@@ -126,10 +157,16 @@ impl Cluster {
             .map(|n| format!("{}=127.0.0.1:{}", n.id, n.port))
             .collect::<Vec<_>>()
             .join(",");
+        let net = opts.proxies.then(|| {
+            let targets: Vec<(NodeId, u16)> = nodes.iter().map(|n| (n.id, n.port)).collect();
+            Network::start(&targets, opts.seed)
+        });
         let cluster = Cluster {
             nodes,
             peers,
             dir: Some(dir),
+            net,
+            env: opts.env,
         };
         for id in cluster.ids() {
             cluster.spawn(id);
@@ -203,6 +240,16 @@ impl Cluster {
     /// Spawns `wraft ARGS` with stdout and stderr appended to `log`, after a header line.
     /// The child is killed if it is dropped.
     pub fn spawn_wraft(args: &[String], log: &Path, header: &str) -> Child {
+        Cluster::spawn_wraft_env(args, log, header, &[])
+    }
+
+    /// [`Cluster::spawn_wraft`] with extra environment variables.
+    pub fn spawn_wraft_env(
+        args: &[String],
+        log: &Path,
+        header: &str,
+        env: &[(String, String)],
+    ) -> Child {
         let mut file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -217,6 +264,7 @@ impl Cluster {
             .stdout(Stdio::from(file))
             .stderr(Stdio::from(stderr))
             .env("RUST_BACKTRACE", "1")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("spawning wraft {}: {e}", args.join(" ")))
@@ -224,13 +272,23 @@ impl Cluster {
 
     fn spawn(&self, id: NodeId) {
         let node = self.node(id);
-        let args = self.serve_args(id);
+        let mut args = self.serve_args(id);
+        if let Some(net) = &self.net {
+            args.push("--dial".into());
+            args.push(net.dial_arg(id));
+        }
         let mut proc = node.proc.lock().unwrap();
         assert!(proc.child.is_none(), "node {id} is already running");
         proc.boots += 1;
         let header = format!("node {id} boot {}", proc.boots);
-        proc.child = Some(Cluster::spawn_wraft(&args, &node.log_path, &header));
+        proc.child = Some(Cluster::spawn_wraft_env(
+            &args,
+            &node.log_path,
+            &header,
+            &self.env,
+        ));
         proc.exited = None;
+        proc.paused = false;
     }
 
     /// Whether a node's process is running (noting how it ended if it ended on its own).
@@ -272,6 +330,52 @@ impl Cluster {
         )
         .await
         .unwrap_or_else(|e| panic!("waiting for killed node {id}: {e}"));
+    }
+
+    /// The proxies on the peer links; panics if the cluster was started without them.
+    pub fn net(&self) -> &Network {
+        self.net
+            .as_ref()
+            .expect("the cluster was started without proxies (ClusterOptions::proxies)")
+    }
+
+    /// Stops a running node's process with SIGSTOP: it keeps its sockets but does nothing.
+    pub fn pause(&self, id: NodeId) {
+        self.signal(id, "STOP");
+        self.node(id).proc.lock().unwrap().paused = true;
+    }
+
+    /// Continues a node stopped by [`Cluster::pause`] (SIGCONT).
+    pub fn resume(&self, id: NodeId) {
+        self.signal(id, "CONT");
+        self.node(id).proc.lock().unwrap().paused = false;
+    }
+
+    /// Whether a node is stopped by [`Cluster::pause`].
+    pub fn is_paused(&self, id: NodeId) -> bool {
+        self.node(id).proc.lock().unwrap().paused
+    }
+
+    fn signal(&self, id: NodeId, signal: &str) {
+        let pid = {
+            let proc = self.node(id).proc.lock().unwrap();
+            let child = proc
+                .child
+                .as_ref()
+                .unwrap_or_else(|| panic!("node {id} is not running: cannot SIG{signal} it"));
+            child
+                .id()
+                .unwrap_or_else(|| panic!("node {id} has exited: cannot SIG{signal} it"))
+        };
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap_or_else(|e| panic!("running kill -{signal} {pid}: {e}"));
+        assert!(
+            status.success(),
+            "kill -{signal} {pid} (node {id}): {status}"
+        );
     }
 
     /// Starts a stopped node again with the same arguments and data directory.

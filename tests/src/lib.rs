@@ -17,8 +17,11 @@
 
 pub mod cli;
 pub mod cluster;
+pub mod history;
+pub mod linearizability;
 pub mod outcome;
 pub mod paths;
+pub mod proxy;
 pub mod wait;
 
 pub use cli::{run_cli, CliOutput};

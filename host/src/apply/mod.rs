@@ -31,6 +31,7 @@ use tenant::{Env, Tenant};
 pub use tenant::{OpOutcome, OpPos};
 
 use crate::envelope;
+use crate::metrics::METRICS;
 use crate::storage::StateStore;
 use crate::wasm::{Limits, Module, Runtime};
 use crate::Error;
@@ -413,6 +414,7 @@ impl ApplyStage {
     }
 
     fn publish(&self) {
+        METRICS.applied_index.set(self.applied as i64);
         if let Ok(mut view) = self.view.write() {
             view.applied = self.applied;
             view.halted = self.halted.clone();

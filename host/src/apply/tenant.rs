@@ -20,6 +20,7 @@ use wraft_proto::client::module_error::Kind;
 use wraft_proto::log::{op, Command, Session, StoredError, StoredOutcome, TenantCheckpoint};
 
 use crate::envelope;
+use crate::metrics::METRICS;
 use crate::storage::StateStore;
 use crate::wasm::{CallError, Instance, Limits, Module, Runtime};
 
@@ -252,8 +253,10 @@ impl Tenant {
         if let Some(done) = self.session_answer(cmd) {
             return done;
         }
+        let started = std::time::Instant::now();
+        let name = self.name.clone();
         let outcome = match self.live(env, at) {
-            Ok(instance) => match instance.apply(&cmd.payload) {
+            Ok(instance) => match Self::measured_apply(&name, instance, &cmd.payload, started) {
                 Ok(out) => OpOutcome::Output(out),
                 Err(err) => {
                     let outcome = OpOutcome::from_call_error(&err);
@@ -272,14 +275,42 @@ impl Tenant {
             Err((err, _)) => OpOutcome::from_call_error(&err),
         };
         self.record_session(cmd, &outcome, at.0);
-        if matches!(outcome, OpOutcome::Output(_)) {
-            self.last_index = at.0;
+        match &outcome {
+            OpOutcome::Output(_) => self.last_index = at.0,
+            OpOutcome::Failed { kind, .. } => METRICS
+                .traps
+                .with_label_values(&[self.name.as_str(), kind.as_str_name()])
+                .inc(),
         }
         self.ops_since_checkpoint += 1;
         if self.ops_since_checkpoint >= CHECKPOINT_EVERY_OPS {
             self.checkpoint_now(env, at);
         }
         outcome
+    }
+
+    /// Calls `apply` and records its count, latency, fuel and the instance's memory.
+    fn measured_apply(
+        tenant: &str,
+        instance: &mut Instance,
+        payload: &[u8],
+        started: std::time::Instant,
+    ) -> Result<Vec<u8>, CallError> {
+        let result = instance.apply(payload);
+        METRICS.applies.with_label_values(&[tenant]).inc();
+        METRICS
+            .apply_seconds
+            .with_label_values(&[tenant])
+            .observe(started.elapsed().as_secs_f64());
+        METRICS
+            .fuel_used
+            .with_label_values(&[tenant])
+            .inc_by(instance.fuel_used());
+        METRICS
+            .tenant_memory_bytes
+            .with_label_values(&[tenant])
+            .set(instance.memory_bytes() as i64);
+        result
     }
 
     /// Runs a read-only query. A trap repairs the instance locally (rebuild up to `applied`).

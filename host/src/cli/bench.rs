@@ -65,8 +65,8 @@ pub struct Args {
     /// Size of the key space: keys are `k0` .. `k{N-1}`, picked uniformly at random.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     keys: u64,
-    /// Bytes in each written value.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=64 * 1024 * 1024))]
+    /// Bytes in each written value (at most 1 MiB, the node's limit on a command).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=crate::limits::MAX_COMMAND_BYTES as u64))]
     value_size: u64,
     /// Fraction of requests that are reads (gets); the rest are writes (puts).
     #[arg(long, default_value_t = 0.0, value_parser = ratio)]
@@ -121,6 +121,9 @@ struct Load {
     tenant: String,
     keys: u64,
     value_size: usize,
+    /// Random alphanumeric text, twice `value_size` long: a value is a slice of it at a random
+    /// offset, so that making one costs a copy however large it is, and all loops share it.
+    pool: String,
     read_ratio: f64,
     consistency: Consistency,
     timeout: Duration,
@@ -297,6 +300,12 @@ async fn bench(args: Args) -> Result<ExitCode, Setup> {
         tenant: args.tenant.clone(),
         keys: args.keys,
         value_size,
+        pool: {
+            let mut rng = rand::rng();
+            (0..value_size * 2)
+                .map(|_| char::from(rng.sample(rand::distr::Alphanumeric)))
+                .collect()
+        },
         read_ratio: args.read_ratio,
         consistency: match args.consistency {
             Level::Linearizable => Consistency::Linearizable,
@@ -420,6 +429,9 @@ async fn tick(bar: ProgressBar, load: Arc<Load>, start: Instant) {
     }
 }
 
+/// How long a request loop waits after a failed request before sending the next one.
+const ERROR_PAUSE: Duration = Duration::from_millis(20);
+
 /// One closed loop: send a request, wait for its answer (or the timeout), record, repeat.
 async fn request_loop(
     mut client: WraftClient<Channel>,
@@ -431,11 +443,6 @@ async fn request_loop(
         reads: Tally::new()?,
         writes: Tally::new()?,
     };
-    // Values are slices of one random pool per loop, so that making them costs no more than a
-    // copy however large they are.
-    let pool: String = (0..load.value_size * 2)
-        .map(|_| char::from(rng.sample(rand::distr::Alphanumeric)))
-        .collect();
     let counts_by_bar = matches!(load.stop, Stop::Ops(_));
     while load.take_ticket() {
         let is_read = rng.random::<f64>() < load.read_ratio;
@@ -445,7 +452,7 @@ async fn request_loop(
             read(&mut client, &load, key).await
         } else {
             let at = rng.random_range(0..=load.value_size);
-            let value = &pool[at..at + load.value_size];
+            let value = &load.pool[at..at + load.value_size];
             write(&mut client, &load, key, value).await
         };
         let micros = started.elapsed().as_micros();
@@ -457,7 +464,12 @@ async fn request_loop(
                     .latency
                     .saturating_record(u64::try_from(micros).unwrap_or(u64::MAX));
             }
-            Err((kind, message)) => tally.error(kind, message),
+            Err((kind, message)) => {
+                tally.error(kind, message);
+                // A dead node fails a request in microseconds (connection refused); without a
+                // pause its loops would spin and take the CPU the surviving nodes need.
+                tokio::time::sleep(ERROR_PAUSE).await;
+            }
         }
         load.finished.fetch_add(1, Ordering::Relaxed);
         if counts_by_bar {

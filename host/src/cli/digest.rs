@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use serde_json::json;
 
 use super::Endpoints;
-use crate::client::Client;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -20,9 +19,13 @@ pub struct Args {
 
 /// Exits 0 when every endpoint answered, 3 when any did not.
 pub async fn run(args: Args) -> ExitCode {
+    let client = match args.endpoints.client() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     let mut all_ok = true;
     for endpoint in &args.endpoints.endpoints {
-        match Client::digest_of(endpoint, &args.tenant).await {
+        match client.digest_at(endpoint, &args.tenant).await {
             Ok(d) if args.json => println!(
                 "{}",
                 json!({"endpoint": endpoint, "tenant": d.tenant, "index": d.index, "state_hash": d.state_hash, "module_hash": d.module_hash})

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use wraft_proto::client::exec_response::Outcome;
 
 use super::{fail, module_failed, print_output, Endpoints};
-use crate::client::Client;
 
 #[derive(clap::Args, Debug)]
 pub struct DeployArgs {
@@ -42,7 +41,11 @@ pub async fn deploy(args: DeployArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match Client::new(args.endpoints.endpoints)
+    let client = match args.endpoints.client() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match client
         .deploy(&args.tenant, wasm)
         .await
     {
@@ -56,7 +59,11 @@ pub async fn deploy(args: DeployArgs) -> ExitCode {
 
 pub async fn exec(args: ExecArgs) -> ExitCode {
     let session = args.client_id.zip(args.seq);
-    match Client::new(args.endpoints.endpoints)
+    let client = match args.endpoints.client() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match client
         .exec(&args.tenant, args.command.into_bytes(), session)
         .await
     {

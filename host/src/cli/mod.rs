@@ -4,6 +4,8 @@
 //! module's own error); 4 indeterminate (the command may have been applied).
 
 mod bench;
+mod certs;
+mod config;
 mod digest;
 mod exec;
 mod query;
@@ -14,7 +16,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::client::ClientError;
+use crate::client::{Client, ClientError};
 use crate::error::Outcome;
 
 /// A Raft cluster whose replicated state machines are WebAssembly modules.
@@ -35,12 +37,40 @@ pub struct Endpoints {
         default_value = "127.0.0.1:7001"
     )]
     endpoints: Vec<String>,
+    /// CA certificate (PEM) to verify the nodes with; set it (or --cert/--key) to use TLS.
+    #[arg(long, env = "WRAFT_CA", value_name = "FILE")]
+    ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), for nodes that require one (`--client-cert-required`).
+    #[arg(long, env = "WRAFT_CERT", value_name = "FILE", requires = "key")]
+    cert: Option<std::path::PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(long, env = "WRAFT_KEY", value_name = "FILE", requires = "cert")]
+    key: Option<std::path::PathBuf>,
+}
+
+impl Endpoints {
+    /// The TLS configuration the options ask for (`None`: plain text). A file that cannot be
+    /// read is a usage error: exit 2 with the file named.
+    fn tls(&self) -> Result<Option<tonic::transport::ClientTlsConfig>, ExitCode> {
+        crate::tls::client_config(self.ca.as_deref(), self.cert.as_deref(), self.key.as_deref())
+            .map_err(|err| {
+                eprintln!("error: {err}");
+                ExitCode::from(2)
+            })
+    }
+
+    /// A client of these endpoints, with TLS when the options ask for it.
+    fn client(&self) -> Result<Client, ExitCode> {
+        Ok(Client::new(self.endpoints.clone()).with_tls(self.tls()?))
+    }
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a node.
     Serve(serve::Args),
+    /// Make a CA and certificates for a local TLS cluster (nodes and a client).
+    Certs(certs::Args),
     /// Deploy (or upgrade) a tenant's module; prints the module hash.
     Deploy(exec::DeployArgs),
     /// Replicate a command; prints what the module's `apply` returned.
@@ -58,7 +88,7 @@ enum Command {
 /// Parses the command line and runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let json_logs = matches!(&cli.command, Command::Serve(a) if a.log_json);
+    let json_logs = matches!(&cli.command, Command::Serve(a) if a.log_json());
     crate::logging::init(json_logs);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -73,6 +103,7 @@ pub fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
+            Command::Certs(args) => certs::run(args).await,
             Command::Deploy(args) => exec::deploy(args).await,
             Command::Exec(args) => exec::exec(args).await,
             Command::Query(args) => query::run(args).await,

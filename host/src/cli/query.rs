@@ -6,7 +6,6 @@ use wraft_proto::client::query_response::Outcome;
 use wraft_proto::client::Consistency;
 
 use super::{fail, module_failed, print_output, Endpoints};
-use crate::client::Client;
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]
 enum Level {
@@ -33,7 +32,11 @@ pub async fn run(args: Args) -> ExitCode {
         Level::Linearizable => Consistency::Linearizable,
         Level::Stale => Consistency::Stale,
     };
-    match Client::new(args.endpoints.endpoints)
+    let client = match args.endpoints.client() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match client
         .query(&args.tenant, args.query.into_bytes(), consistency)
         .await
     {

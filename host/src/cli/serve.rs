@@ -1,4 +1,8 @@
 //! `wraft serve`: run a node until SIGINT or SIGTERM.
+//!
+//! Every setting comes from, in order of precedence: a flag, an environment variable
+//! (`WRAFT_` + the flag name, e.g. `WRAFT_DATA_DIR`), the `--config` file (see [`super::config`]),
+//! the default. Hence every flag is an `Option` here and defaults are applied in [`Args::resolve`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -6,61 +10,157 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use super::config::FileConfig;
 use crate::node::{self, NodeConfig};
+use crate::tls::{NodeTls, NodeTlsFiles};
 
-#[derive(clap::Args, Debug)]
+const DEFAULT_LISTEN: &str = "127.0.0.1:7001";
+const DEFAULT_DATA_DIR: &str = "./wraft-data";
+const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 5000;
+
+#[derive(clap::Args, Debug, Default)]
 pub struct Args {
-    /// This node's id (a positive integer, unique in the cluster forever).
-    #[arg(long, default_value_t = 1)]
-    id: u64,
-    /// Address for the client API and peer traffic.
-    #[arg(long, default_value = "127.0.0.1:7001")]
-    listen: SocketAddr,
-    /// Where the node keeps its log, checkpoints and modules.
-    #[arg(long, default_value = "./wraft-data")]
-    data_dir: PathBuf,
+    /// Read settings from this TOML file (keys are the flag names: `listen`, `data-dir`, ...).
+    /// Flags and environment variables override it.
+    #[arg(long, env = "WRAFT_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// This node's id (a positive integer, unique in the cluster forever). [default: 1]
+    #[arg(long, env = "WRAFT_ID")]
+    id: Option<u64>,
+    /// Address for the client API and peer traffic. [default: 127.0.0.1:7001]
+    #[arg(long, env = "WRAFT_LISTEN", value_name = "HOST:PORT")]
+    listen: Option<SocketAddr>,
+    /// Where the node keeps its log, checkpoints and modules. [default: ./wraft-data]
+    #[arg(long, env = "WRAFT_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
     /// Initial members, `ID=HOST:PORT,...`, the same on every initial member. Defaults to a
     /// one-node cluster of this node.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, env = "WRAFT_PEERS", value_delimiter = ',')]
     peers: Vec<String>,
     /// Connect to these peers at another address than --peers gives (`ID=HOST:PORT,...`), e.g.
     /// through a proxy. Membership and the cluster id still come from --peers.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, env = "WRAFT_DIAL", value_delimiter = ',')]
     dial: Vec<String>,
     /// How long a write may wait to be applied before its client gets an indeterminate error.
-    #[arg(long, default_value_t = 5000)]
-    request_timeout_ms: u64,
+    /// [default: 5000]
+    #[arg(long, env = "WRAFT_REQUEST_TIMEOUT_MS")]
+    request_timeout_ms: Option<u64>,
+    /// Serve Prometheus metrics over HTTP at this address (off unless given).
+    #[arg(long, env = "WRAFT_METRICS_LISTEN", value_name = "HOST:PORT")]
+    metrics_listen: Option<SocketAddr>,
+    /// This node's certificate (PEM). With --tls-key and --tls-ca: serve TLS, and accept raft
+    /// traffic only from node certificates signed by the cluster CA.
+    #[arg(long, env = "WRAFT_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "WRAFT_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM): peers' and clients' certificates must be signed by it.
+    #[arg(long, env = "WRAFT_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Clients of the client API must present a certificate signed by the cluster CA too (by
+    /// default, with TLS on, clients need none; peers always do).
+    #[arg(long, env = "WRAFT_CLIENT_CERT_REQUIRED", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    client_cert_required: Option<bool>,
     /// Log as JSON lines.
-    #[arg(long)]
-    pub log_json: bool,
+    #[arg(long, env = "WRAFT_LOG_JSON", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    log_json: Option<bool>,
+}
+
+impl Args {
+    /// Whether to log as JSON, known before logging starts (and so before [`Args::resolve`]
+    /// reports a bad config file, which it does on stderr either way).
+    pub fn log_json(&self) -> bool {
+        self.log_json
+            .or_else(|| {
+                let file = FileConfig::load(self.config.as_deref()?).ok()?;
+                file.log_json
+            })
+            .unwrap_or(false)
+    }
+
+    /// Merges flags (and their environment variables, which clap has already read) over the
+    /// config file over the defaults, checks the result, and loads the TLS files.
+    pub fn resolve(self) -> Result<NodeConfig, String> {
+        let file = match &self.config {
+            Some(path) => FileConfig::load(path).map_err(|e| e.to_string())?,
+            None => FileConfig::default(),
+        };
+        let id = self.id.or(file.id).unwrap_or(1);
+        let listen = match self.listen.or(file.listen) {
+            Some(l) => l,
+            None => DEFAULT_LISTEN
+                .parse()
+                .map_err(|e| format!("default listen address: {e}"))?,
+        };
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let peers = or_file(self.peers, file.peers);
+        let dial = or_file(self.dial, file.dial);
+        let peers = parse_peers(&peers, id, listen)?;
+        let dial = parse_id_addrs(&dial, "--dial")?;
+        if let Some(id) = dial.keys().find(|id| !peers.contains_key(id)) {
+            return Err(format!("--dial names node {id}, which is not in --peers"));
+        }
+        let request_timeout_ms = self
+            .request_timeout_ms
+            .or(file.request_timeout_ms)
+            .unwrap_or(DEFAULT_REQUEST_TIMEOUT_MS);
+        let client_cert_required = self
+            .client_cert_required
+            .or(file.client_cert_required)
+            .unwrap_or(false);
+        let tls = match (
+            self.tls_cert.or(file.tls_cert),
+            self.tls_key.or(file.tls_key),
+            self.tls_ca.or(file.tls_ca),
+        ) {
+            (Some(cert), Some(key), Some(ca)) => Some(
+                NodeTls::load(&NodeTlsFiles { cert, key, ca }, client_cert_required)
+                    .map_err(|e| e.to_string())?,
+            ),
+            (None, None, None) if client_cert_required => {
+                return Err("--client-cert-required needs TLS: --tls-cert, --tls-key and --tls-ca".into())
+            }
+            (None, None, None) => None,
+            _ => {
+                return Err(
+                    "TLS needs all three of --tls-cert, --tls-key and --tls-ca (one or two are set)"
+                        .into(),
+                )
+            }
+        };
+        Ok(NodeConfig {
+            id,
+            listen,
+            data_dir,
+            peers,
+            dial,
+            request_timeout: Duration::from_millis(request_timeout_ms),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            tls,
+        })
+    }
+}
+
+/// A list flag replaces the file's list; an empty one (not given) leaves the file's.
+fn or_file(flag: Vec<String>, file: Option<Vec<String>>) -> Vec<String> {
+    if flag.is_empty() {
+        file.unwrap_or_default()
+    } else {
+        flag
+    }
 }
 
 pub async fn run(args: Args) -> ExitCode {
-    let peers = match parse_peers(&args.peers, args.id, args.listen) {
-        Ok(p) => p,
+    let config = match args.resolve() {
+        Ok(c) => c,
         Err(err) => {
             eprintln!("error: {err}");
             return ExitCode::from(2);
         }
-    };
-    let dial = match parse_id_addrs(&args.dial, "--dial") {
-        Ok(d) => d,
-        Err(err) => {
-            eprintln!("error: {err}");
-            return ExitCode::from(2);
-        }
-    };
-    if let Some(id) = dial.keys().find(|id| !peers.contains_key(id)) {
-        eprintln!("error: --dial names node {id}, which is not in --peers");
-        return ExitCode::from(2);
-    }
-    let config = NodeConfig {
-        id: args.id,
-        listen: args.listen,
-        data_dir: args.data_dir,
-        peers,
-        dial,
-        request_timeout: Duration::from_millis(args.request_timeout_ms),
     };
     match node::run(config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -146,5 +246,78 @@ mod tests {
         assert!(parse_peers(&["0=a:1".into()], 1, listen).is_err());
         assert!(parse_peers(&["1=a:1".into(), "1=b:2".into()], 1, listen).is_err());
         assert!(parse_peers(&["1a:1".into()], 1, listen).is_err());
+    }
+
+    /// `wraft serve ARGS` parsed as the CLI parses it.
+    fn serve(args: &[&str]) -> Args {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: Args,
+        }
+        let argv = std::iter::once("serve").chain(args.iter().copied());
+        <Cli as clap::Parser>::try_parse_from(argv).unwrap().serve
+    }
+
+    #[test]
+    fn a_flag_beats_the_file_which_beats_the_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wraft.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:7102\"\ndata-dir = \"/from/file\"\nid = 2\n\
+             peers = [\"1=127.0.0.1:7101\", \"2=127.0.0.1:7102\"]\n",
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let c = serve(&["--config", file]).resolve().unwrap();
+        assert_eq!(c.listen, "127.0.0.1:7102".parse().unwrap());
+        assert_eq!(c.data_dir, PathBuf::from("/from/file"));
+        assert_eq!((c.id, c.peers.len()), (2, 2));
+        assert_eq!(c.request_timeout, Duration::from_millis(5000), "default");
+        assert!(c.tls.is_none() && c.metrics_listen.is_none());
+        let c = serve(&["--config", file, "--data-dir", "/from/flag", "--peers", "2=h:1"])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/from/flag"));
+        assert_eq!(c.peers.len(), 1, "a list flag replaces the file's list");
+        let c = serve(&["--metrics-listen", "127.0.0.1:9100"]).resolve().unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
+    }
+
+    #[test]
+    fn boolean_flags_override_the_file_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wraft.toml");
+        std::fs::write(&path, "log-json = true\n").unwrap();
+        let file = path.to_str().unwrap();
+        assert!(serve(&["--config", file]).log_json());
+        assert!(!serve(&["--config", file, "--log-json=false"]).log_json());
+        assert!(serve(&["--log-json"]).log_json());
+        assert!(!serve(&[]).log_json());
+    }
+
+    #[test]
+    fn half_a_tls_setup_is_refused() {
+        let err = serve(&["--tls-cert", "/x.pem"]).resolve().unwrap_err();
+        assert!(err.contains("all three"), "{err}");
+        let err = serve(&["--client-cert-required"]).resolve().unwrap_err();
+        assert!(err.contains("needs TLS"), "{err}");
+        let err = serve(&["--tls-cert", "/no/cert.pem", "--tls-key", "/k", "--tls-ca", "/c"])
+            .resolve()
+            .unwrap_err();
+        assert!(err.starts_with("read --tls-cert /no/cert.pem: "), "{err}");
+    }
+
+    #[test]
+    fn a_bad_config_file_is_an_error_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wraft.toml");
+        std::fs::write(&path, "lisen = \"127.0.0.1:1\"\n").unwrap();
+        let err = serve(&["--config", path.to_str().unwrap()])
+            .resolve()
+            .unwrap_err();
+        assert!(err.starts_with(&format!("config {}: ", path.display())), "{err}");
+        assert!(err.contains("unknown field `lisen`"), "{err}");
     }
 }

@@ -6,7 +6,6 @@ use serde_json::json;
 use wraft_proto::client::{Role, StatusResponse};
 
 use super::Endpoints;
-use crate::client::Client;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -44,6 +43,10 @@ fn to_json(endpoint: &str, s: &StatusResponse) -> serde_json::Value {
 
 /// Exits 0 when every endpoint answered, 3 when any did not.
 pub async fn run(args: Args) -> ExitCode {
+    let client = match args.endpoints.client() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     let mut all_ok = true;
     if !args.json {
         println!(
@@ -52,7 +55,7 @@ pub async fn run(args: Args) -> ExitCode {
         );
     }
     for endpoint in &args.endpoints.endpoints {
-        match Client::status_of(endpoint).await {
+        match client.status_at(endpoint).await {
             Ok(s) if args.json => println!("{}", to_json(endpoint, &s)),
             Ok(s) => println!(
                 "{:<22} {:>4} {:<10} {:>6} {:>6} {:>10} {:>10} {:>7}",

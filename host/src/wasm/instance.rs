@@ -71,6 +71,8 @@ pub struct Instance {
     snapshot: TypedFunc<(), i64>,
     panic_message: Option<TypedFunc<(), i64>>,
     limits: Limits,
+    /// The fuel the current (or last) call started with, to report what it used.
+    budget: u64,
 }
 
 impl Instance {
@@ -134,6 +136,7 @@ impl Instance {
             snapshot,
             panic_message,
             limits: limits.clone(),
+            budget: 0,
         })
     }
 
@@ -168,9 +171,22 @@ impl Instance {
             .map(drop)
     }
 
+    /// Fuel the last call used (all of it when it ran out). For metrics: the limit, not this
+    /// figure, decides what a call may do.
+    pub fn fuel_used(&self) -> u64 {
+        self.budget
+            .saturating_sub(self.store.get_fuel().unwrap_or(0))
+    }
+
+    /// The current size of the instance's linear memory.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory.data_size(&self.store) as u64
+    }
+
     /// Resets the per-call state: fresh fuel, no refused growth yet.
     fn begin(&mut self, fuel: u64) -> Result<(), CallError> {
         self.store.data_mut().denied_growth = false;
+        self.budget = fuel;
         self.store
             .set_fuel(fuel)
             .map_err(|e| CallError::Trap(format!("cannot set fuel: {e:#}")))

@@ -1,0 +1,633 @@
+//! Linearizability of the kv plugin's registers under faults, checked from client histories.
+//!
+//! Clients run `put` / `get` (LINEARIZABLE) / `cas` on a few hot keys through random nodes while
+//! a seeded scheduler injects faults: SIGKILL and restart, SIGSTOP/SIGCONT, cut and blackholed
+//! peer links (proxies on every directed link), delays, flaky links. Every call is recorded with
+//! its outcome (ok / fail when `wraft-outcome: definite` / unknown otherwise) and the history is
+//! checked by `wraft_tests::linearizability`. The second test proves the checker is not blind: a
+//! node deliberately serving linearizable reads from its own state behind a partition must be
+//! caught.
+//!
+//! Each run prints its seed; `WRAFT_SEED=N` replays the same choices (the cluster's timing is
+//! not replayable, so a replay explores the same faults, not the same interleaving). Histories
+//! are written under the cargo target tmp dir, path printed, with node logs on failure.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use wraft_tests::api::{Consistency, QueryRequest, Role};
+use wraft_tests::cluster::{exec_request, Client, ClusterOptions};
+use wraft_tests::history::{History, Invocation};
+use wraft_tests::linearizability::{check, CheckError, Op, Outcome, Ret};
+use wraft_tests::{wait_until, within, Cluster, ExecOutcome, NodeId, QueryOutcome};
+
+const TENANT: &str = "kv";
+const HOT_KEYS: [&str; 3] = ["x", "y", "z"];
+/// The node's own switch for the deliberately broken read path.
+const STALE_READS_ENV: &str = "WRAFT_TEST_STALE_LINEARIZABLE_READS";
+
+/// The gRPC deadline of one client call (`grpc-timeout`); past it the call is unknown.
+const CALL_TIMEOUT: Duration = Duration::from_secs(4);
+/// A backstop over the gRPC deadline: a call still open then is recorded as unknown.
+const CALL_BACKSTOP: Duration = Duration::from_secs(15);
+/// Pause after a failed call, so that clients of a dead node do not spin.
+const ERROR_BACKOFF: Duration = Duration::from_millis(30);
+/// How long clients run under faults in the main test.
+const FAULT_PHASE: Duration = Duration::from_secs(16);
+/// Upper bound on operations per client, whatever the speed of the machine.
+const MAX_OPS_PER_CLIENT: u64 = 20_000;
+/// How long every background task gets to notice the stop flag and return.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Process ids of the harness's own (not the workload's) calls start here.
+const PROBE_PROCESS: u64 = 1_000_000_000;
+
+fn seed() -> u64 {
+    let seed = match std::env::var("WRAFT_SEED") {
+        Ok(s) => s
+            .parse()
+            .unwrap_or_else(|e| panic!("WRAFT_SEED={s:?} is not a u64: {e}")),
+        Err(_) => rand::random(),
+    };
+    println!("seed: {seed} (replay with WRAFT_SEED={seed})");
+    seed
+}
+
+/// Where a test's history goes.
+fn history_path(test: &str, seed: u64) -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("linearizability")
+        .join(format!("{test}-seed{seed}-pid{}.jsonl", std::process::id()))
+}
+
+/// Writes the history (always) and returns its path.
+fn save(history: &History, test: &str, seed: u64) -> PathBuf {
+    let path = history_path(test, seed);
+    history
+        .write(&path, json!({"test": test, "seed": seed}))
+        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    println!("history: {}", path.display());
+    path
+}
+
+/// Copies every node's log next to the history, for a failed run.
+fn save_logs(cluster: &Cluster, history_file: &std::path::Path) {
+    for id in cluster.ids() {
+        let path = history_file.with_extension(format!("node-{id}.log"));
+        if std::fs::write(&path, cluster.log(id)).is_ok() {
+            eprintln!("node {id} log: {}", path.display());
+        }
+    }
+}
+
+/// Runs one `Exec` of a kv command and records it. Returns the outcome and the applied index.
+async fn exec_recorded(
+    history: &History,
+    process: u64,
+    client: &mut Client,
+    node: NodeId,
+    key: &str,
+    op: Op,
+) -> (Outcome, Option<u64>) {
+    let command = match &op {
+        Op::Put { value } => json!({"op": "put", "key": key, "value": value}),
+        Op::Cas { expect, value } => {
+            json!({"op": "cas", "key": key, "expect": expect, "value": value})
+        }
+        Op::Get => unreachable!("reads go through Query"),
+    };
+    let mut request = tonic::Request::new(exec_request(
+        TENANT,
+        command.to_string().into_bytes(),
+        "",
+        0,
+    ));
+    request.set_timeout(CALL_TIMEOUT);
+    let inv: Invocation = history.invoke(process, key, op.clone());
+    let result = tokio::time::timeout(CALL_BACKSTOP, client.exec(request)).await;
+    let (outcome, index, note) = match result {
+        Err(_) => (Outcome::Unknown, None, format!("node {node}: no answer")),
+        Ok(result) => match ExecOutcome::from_result(result) {
+            ExecOutcome::Ok { index, output } => {
+                let out = wraft_tests::json(&output);
+                let text = |v: &serde_json::Value| v.as_str().map(String::from);
+                let ret = match op {
+                    Op::Put { .. } => Ret::Put {
+                        prev: text(&out["prev"]),
+                    },
+                    _ => Ret::Cas {
+                        ok: out["ok"]
+                            .as_bool()
+                            .unwrap_or_else(|| panic!("cas output without ok: {out}")),
+                        current: text(&out["current"]),
+                    },
+                };
+                (
+                    Outcome::Ok(ret),
+                    Some(index),
+                    format!("node {node} index {index}"),
+                )
+            }
+            // Applied as a no-op; the kv module rejects none of these commands, so this is a
+            // broken promise, reported by the caller.
+            other @ ExecOutcome::ModuleError { .. } => {
+                panic!("{command} through node {node}: {other}")
+            }
+            ExecOutcome::Definite(s) => (
+                Outcome::Fail,
+                None,
+                format!("node {node}: definite {:?} {}", s.code(), s.message()),
+            ),
+            ExecOutcome::Indeterminate(s) => (
+                Outcome::Unknown,
+                None,
+                format!("node {node}: indeterminate {:?} {}", s.code(), s.message()),
+            ),
+            // Transport failure, or our own deadline: the node may have applied it.
+            ExecOutcome::Unclassified(s) => (
+                Outcome::Unknown,
+                None,
+                format!("node {node}: unclassified {:?} {}", s.code(), s.message()),
+            ),
+        },
+    };
+    history.complete(inv, outcome.clone(), note);
+    (outcome, index)
+}
+
+/// Runs one LINEARIZABLE `get` and records it (any error: a read that did nothing, a fail).
+async fn get_recorded(
+    history: &History,
+    process: u64,
+    client: &mut Client,
+    node: NodeId,
+    key: &str,
+) -> Outcome {
+    let mut request = tonic::Request::new(QueryRequest {
+        tenant: TENANT.into(),
+        query: json!({"op": "get", "key": key}).to_string().into_bytes(),
+        consistency: Consistency::Linearizable as i32,
+    });
+    request.set_timeout(CALL_TIMEOUT);
+    let inv = history.invoke(process, key, Op::Get);
+    let result = tokio::time::timeout(CALL_BACKSTOP, client.query(request)).await;
+    let (outcome, note) = match result {
+        Err(_) => (Outcome::Fail, format!("node {node}: no answer")),
+        Ok(result) => match QueryOutcome::from_result(result) {
+            QueryOutcome::Ok { index, output } => {
+                let out = wraft_tests::json(&output);
+                let value = out["value"].as_str().map(String::from);
+                (
+                    Outcome::Ok(Ret::Get { value }),
+                    format!("node {node} index {index}"),
+                )
+            }
+            other => (Outcome::Fail, format!("node {node}: {other}")),
+        },
+    };
+    history.complete(inv, outcome.clone(), note);
+    outcome
+}
+
+/// Which nodes a workload client may use for which calls.
+#[derive(Clone)]
+struct Targets {
+    writes: Vec<(NodeId, Client)>,
+    reads: Vec<(NodeId, Client)>,
+}
+
+/// A workload client: random put / get / cas on the hot keys until `stop`. Written values are
+/// unique (`c{client}-{n}`), which the checker's pruning of unknown writes relies on.
+async fn client_loop(
+    id: u64,
+    seed: u64,
+    mut targets: Targets,
+    history: Arc<History>,
+    stop: Arc<AtomicBool>,
+) -> u64 {
+    let mut rng = StdRng::seed_from_u64(seed ^ (id + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
+    // A process that saw an unknown outcome is retired (Jepsen style): the next calls are a new
+    // process, since the old one's call may still be in flight.
+    let mut generation = 0u64;
+    let mut last_seen: [Option<String>; HOT_KEYS.len()] = Default::default();
+    let mut n = 0u64;
+    while !stop.load(Ordering::SeqCst) && n < MAX_OPS_PER_CLIENT {
+        n += 1;
+        let process = id * 10_000 + generation;
+        let k = rng.random_range(0..HOT_KEYS.len());
+        let key = HOT_KEYS[k];
+        let value = format!("c{id}-{n}");
+        let roll = rng.random_range(0..10);
+        let outcome = if roll < 4 {
+            let i = rng.random_range(0..targets.reads.len());
+            let (node, client) = &mut targets.reads[i];
+            get_recorded(&history, process, client, *node, key).await
+        } else {
+            let op = if roll < 7 {
+                Op::Put { value }
+            } else {
+                // Mostly the value last seen (a likely success), sometimes absent.
+                let expect = if rng.random_bool(0.8) {
+                    last_seen[k].clone()
+                } else {
+                    None
+                };
+                Op::Cas { expect, value }
+            };
+            let i = rng.random_range(0..targets.writes.len());
+            let (node, client) = &mut targets.writes[i];
+            exec_recorded(&history, process, client, *node, key, op)
+                .await
+                .0
+        };
+        match outcome {
+            Outcome::Ok(Ret::Get { value }) => last_seen[k] = value,
+            Outcome::Ok(Ret::Cas { current, .. }) => last_seen[k] = current,
+            Outcome::Ok(Ret::Put { .. }) => {}
+            Outcome::Unknown => {
+                generation += 1;
+                tokio::time::sleep(ERROR_BACKOFF).await;
+            }
+            Outcome::Fail => tokio::time::sleep(ERROR_BACKOFF).await,
+        }
+    }
+    n
+}
+
+/// A fault the scheduler injects and later undoes.
+#[derive(Debug, Clone)]
+enum Fault {
+    Kill(NodeId),
+    Pause(NodeId),
+    Isolate(NodeId),
+    IsolateLeader(NodeId),
+    /// The leader loses its link (both ways) to one follower only.
+    CutLeaderFrom(NodeId, NodeId),
+    Blackhole(NodeId),
+    Delay(NodeId, Duration),
+    Flaky(NodeId),
+}
+
+/// The current leader as far as a quick look tells (`None` if unclear).
+async fn current_leader(cluster: &Cluster) -> Option<NodeId> {
+    for id in cluster.live_ids() {
+        if cluster.is_paused(id) {
+            continue;
+        }
+        if let Ok(s) = cluster.status(id).await {
+            if s.role == Role::Leader as i32 {
+                return Some(s.node_id);
+            }
+        }
+    }
+    None
+}
+
+async fn inject(cluster: &Cluster, fault: &Fault) {
+    let net = cluster.net();
+    match *fault {
+        Fault::Kill(id) => {
+            assert!(
+                cluster.is_running(id),
+                "node {id} exited on its own before the scheduler killed it"
+            );
+            cluster.kill(id).await;
+        }
+        Fault::Pause(id) => cluster.pause(id),
+        Fault::Isolate(id) | Fault::IsolateLeader(id) => net.isolate(id),
+        Fault::CutLeaderFrom(leader, follower) => net.partition(&[leader], &[follower]),
+        Fault::Blackhole(id) => {
+            let others: Vec<NodeId> = cluster.ids().into_iter().filter(|&o| o != id).collect();
+            net.blackhole(&[id], &others);
+        }
+        Fault::Delay(id, d) => net.delay_node(id, d),
+        Fault::Flaky(id) => {
+            for other in cluster.ids().into_iter().filter(|&o| o != id) {
+                net.link(id, other).flaky(true);
+                net.link(other, id).flaky(true);
+            }
+        }
+    }
+}
+
+async fn undo(cluster: &Cluster, fault: &Fault) {
+    match *fault {
+        Fault::Kill(id) => cluster.restart(id),
+        Fault::Pause(id) => cluster.resume(id),
+        _ => cluster.net().heal_all(),
+    }
+}
+
+async fn pick_fault(cluster: &Cluster, rng: &mut StdRng) -> Fault {
+    let ids = cluster.ids();
+    let node = ids[rng.random_range(0..ids.len())];
+    match rng.random_range(0..8) {
+        0 => Fault::Kill(node),
+        1 => Fault::Pause(node),
+        2 => Fault::Isolate(node),
+        3 => match current_leader(cluster).await {
+            Some(leader) => Fault::IsolateLeader(leader),
+            None => Fault::Isolate(node),
+        },
+        4 => match current_leader(cluster).await {
+            Some(leader) => {
+                let followers: Vec<NodeId> = ids.into_iter().filter(|&o| o != leader).collect();
+                Fault::CutLeaderFrom(leader, followers[rng.random_range(0..followers.len())])
+            }
+            None => Fault::Isolate(node),
+        },
+        5 => Fault::Blackhole(node),
+        6 => Fault::Delay(node, Duration::from_millis(rng.random_range(20..250))),
+        _ => Fault::Flaky(node),
+    }
+}
+
+/// Waits until a LINEARIZABLE read of `key` through `node` succeeds, recording every attempt.
+async fn final_read(history: &History, cluster: &Cluster, process: u64, node: NodeId, key: &str) {
+    let client = cluster.client(node);
+    wait_until(
+        Duration::from_secs(60),
+        &format!("a linearizable read of {key} through node {node} after healing"),
+        || {
+            let mut client = client.clone();
+            async move {
+                match get_recorded(history, process, &mut client, node, key).await {
+                    Outcome::Ok(_) => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn register_linearizable_under_faults() {
+    const TEST: &str = "register_linearizable_under_faults";
+    const CLIENTS: u64 = 5;
+    let seed = seed();
+    let cluster = Cluster::start_with(
+        3,
+        ClusterOptions {
+            proxies: true,
+            seed,
+            ..Default::default()
+        },
+    )
+    .await;
+    let leader = cluster.leader().await;
+    cluster.deploy(leader, TENANT, "kv").await;
+    let ids = cluster.ids();
+    let history = Arc::new(History::new());
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let all: Vec<(NodeId, Client)> = ids.iter().map(|&id| (id, cluster.client(id))).collect();
+    let mut clients = JoinSet::new();
+    for c in 0..CLIENTS {
+        let targets = Targets {
+            writes: all.clone(),
+            reads: all.clone(),
+        };
+        clients.spawn(client_loop(c, seed, targets, history.clone(), stop.clone()));
+    }
+
+    let mut rng = StdRng::seed_from_u64(seed);
+    let phase_end = Instant::now() + FAULT_PHASE;
+    let mut injected = 0usize;
+    // Bounded by time, and by count in case a fault's injection returns at once.
+    for _ in 0..64 {
+        if Instant::now() >= phase_end {
+            break;
+        }
+        let fault = pick_fault(&cluster, &mut rng).await;
+        history.fault(format!("start {fault:?}"));
+        inject(&cluster, &fault).await;
+        injected += 1;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(800..1800))).await;
+        undo(&cluster, &fault).await;
+        history.fault(format!("end {fault:?}"));
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..800))).await;
+    }
+    cluster.net().heal_all();
+    for id in cluster.ids() {
+        if cluster.is_paused(id) {
+            cluster.resume(id);
+        }
+    }
+    history.fault("healed everything");
+    stop.store(true, Ordering::SeqCst);
+    let ops = within(JOIN_TIMEOUT, "workload clients to stop", async {
+        let mut ops = 0;
+        while let Some(done) = clients.join_next().await {
+            ops += done.expect("a workload client panicked");
+        }
+        ops
+    })
+    .await;
+
+    // Recovery: one leader, every node answers a linearizable read of every key (these reads
+    // join the history: they pin down what the unknown writes did), replicas agree.
+    let leader = cluster.leader().await;
+    for (i, &id) in ids.iter().enumerate() {
+        for key in HOT_KEYS {
+            final_read(&history, &cluster, PROBE_PROCESS + i as u64, id, key).await;
+        }
+    }
+    let max_index = cluster
+        .status(leader)
+        .await
+        .expect("leader status")
+        .applied_index;
+    for &id in &ids {
+        cluster.wait_applied(id, max_index).await;
+    }
+    let digest = cluster.wait_digests_agree(&ids, TENANT, 0).await;
+
+    let counts = history.counts();
+    let path = save(&history, TEST, seed);
+    println!(
+        "summary: {ops} workload ops, {injected} faults injected, ok {} / fail {} / unknown {}; \
+         replicas agree at tenant index {} (state {})",
+        counts.ok, counts.fail, counts.unknown, digest.index, digest.state_hash
+    );
+    println!("fault schedule:\n{}", history.fault_schedule());
+    // A run in which (almost) nothing succeeded proves nothing.
+    assert!(
+        counts.ok >= 100,
+        "only {} operations succeeded (seed {seed}); the workload did not exercise the cluster",
+        counts.ok
+    );
+    match check(&history.operations()) {
+        Ok(stats) => println!("linearizable: {stats:?}"),
+        Err(e) => {
+            save_logs(&cluster, &path);
+            panic!(
+                "seed {seed}: {e}\nfault schedule:\n{}\nhistory: {}",
+                history.fault_schedule(),
+                path.display()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn checker_catches_stale_reads() {
+    const TEST: &str = "checker_catches_stale_reads";
+    const PROBE_KEY: &str = "probe";
+    let seed = seed();
+    let cluster = Cluster::start_with(
+        3,
+        ClusterOptions {
+            proxies: true,
+            seed,
+            env: vec![(STALE_READS_ENV.into(), "1".into())],
+        },
+    )
+    .await;
+    let leader = cluster.leader().await;
+    cluster.deploy(leader, TENANT, "kv").await;
+    let ids = cluster.ids();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let followers: Vec<NodeId> = ids.iter().copied().filter(|&id| id != leader).collect();
+    let victim = followers[rng.random_range(0..followers.len())];
+    let majority: Vec<NodeId> = ids.iter().copied().filter(|&id| id != victim).collect();
+    let history = Arc::new(History::new());
+    let process = PROBE_PROCESS;
+
+    // 1. An acknowledged write that the victim has applied.
+    let writer = cluster.client(leader);
+    let first = put_until_ok(&history, process, &writer, leader, PROBE_KEY, "p0").await;
+    cluster.wait_applied(victim, first).await;
+
+    // 2. The victim is cut off from both other nodes, both directions.
+    history.fault(format!("isolate node {victim}"));
+    cluster.net().isolate(victim);
+
+    // Background load: writes through the majority, reads through the victim.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = JoinSet::new();
+    for c in 0..3u64 {
+        let targets = Targets {
+            writes: majority
+                .iter()
+                .map(|&id| (id, cluster.client(id)))
+                .collect(),
+            reads: vec![(victim, cluster.client(victim))],
+        };
+        clients.spawn(client_loop(c, seed, targets, history.clone(), stop.clone()));
+    }
+
+    // 3. A newer value acknowledged through the majority, then read through the victim: the
+    // victim cannot have it (it was isolated before the write was sent), so its answer is stale
+    // and the history cannot be linearizable.
+    let majority_client = cluster.client(majority[0]);
+    put_until_ok(
+        &history,
+        process,
+        &majority_client,
+        majority[0],
+        PROBE_KEY,
+        "p1",
+    )
+    .await;
+    let reader = cluster.client(victim);
+    let stale = wait_until(
+        Duration::from_secs(60),
+        &format!("a read of {PROBE_KEY} through isolated node {victim}"),
+        || {
+            let mut reader = reader.clone();
+            let history = &history;
+            async move {
+                match get_recorded(history, process, &mut reader, victim, PROBE_KEY).await {
+                    Outcome::Ok(Ret::Get { value }) => Ok(value),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        stale.as_deref(),
+        Some("p0"),
+        "the isolated node in stale-read mode should answer from its own state"
+    );
+
+    // Some more background traffic through the partition, then heal.
+    let background_ops = Arc::new(AtomicU64::new(0));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::SeqCst);
+    within(JOIN_TIMEOUT, "workload clients to stop", async {
+        while let Some(done) = clients.join_next().await {
+            background_ops.fetch_add(done.expect("a workload client panicked"), Ordering::SeqCst);
+        }
+    })
+    .await;
+    cluster.net().heal_all();
+    history.fault("healed");
+
+    let counts = history.counts();
+    let path = save(&history, TEST, seed);
+    println!(
+        "summary: {} background ops, 1 fault (isolate node {victim}), ok {} / fail {} / unknown {}",
+        background_ops.load(Ordering::SeqCst),
+        counts.ok,
+        counts.fail,
+        counts.unknown
+    );
+    let ops = history.operations();
+    match check(&ops) {
+        Err(CheckError::Violation { key, explanation }) => {
+            println!("caught, as it must be: key {key}: {explanation}")
+        }
+        other => panic!(
+            "seed {seed}: the checker missed stale reads: {other:?}\nhistory: {}",
+            path.display()
+        ),
+    }
+    // The probe key alone, whose staleness is certain, must be caught too.
+    let probe: Vec<_> = ops.into_iter().filter(|o| o.key == PROBE_KEY).collect();
+    assert!(
+        matches!(check(&probe), Err(CheckError::Violation { .. })),
+        "seed {seed}: the checker missed the certain stale read of {PROBE_KEY}"
+    );
+}
+
+/// Puts `value` (with a suffix per attempt, keeping values unique) until one attempt is
+/// acknowledged; returns its index. Every attempt is recorded.
+async fn put_until_ok(
+    history: &History,
+    process: u64,
+    client: &Client,
+    node: NodeId,
+    key: &str,
+    value: &str,
+) -> u64 {
+    let attempt = AtomicU64::new(0);
+    wait_until(
+        Duration::from_secs(60),
+        &format!("an acknowledged put of {key} through node {node}"),
+        || {
+            let n = attempt.fetch_add(1, Ordering::SeqCst);
+            let value = if n == 0 {
+                value.to_string()
+            } else {
+                format!("{value}-retry{n}")
+            };
+            let mut client = client.clone();
+            async move {
+                let op = Op::Put { value };
+                match exec_recorded(history, process + n, &mut client, node, key, op).await {
+                    (Outcome::Ok(_), Some(index)) => Ok(index),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await
+}

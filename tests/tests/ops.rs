@@ -1,0 +1,447 @@
+//! Operating a node: `/metrics` is valid Prometheus text whose counters move with traffic, and
+//! SIGTERM under load answers every pending request, loses no acknowledged write and hands
+//! leadership over. Nodes here are started with their own arguments (metrics ports), as real
+//! processes.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Child;
+use wraft_proto::client::{Consistency, QueryRequest, Role, StatusRequest};
+use wraft_tests::cluster::{connect, exec_on, exec_request, Cluster};
+use wraft_tests::outcome::ExecOutcome;
+use wraft_tests::paths::plugin_bytes;
+use wraft_tests::wait::{wait_until, within};
+
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
+/// Nodes started by hand: id → (client port, metrics port, process).
+struct Nodes {
+    dir: tempfile::TempDir,
+    peers: String,
+    ports: BTreeMap<u64, (u16, u16)>,
+    procs: BTreeMap<u64, Child>,
+}
+
+impl Nodes {
+    fn start(n: u64) -> Nodes {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ports = free_ports(2 * n as usize);
+        let ports: BTreeMap<u64, (u16, u16)> = (1..=n)
+            .map(|id| {
+                let i = (id - 1) as usize * 2;
+                (id, (ports[i], ports[i + 1]))
+            })
+            .collect();
+        let peers = ports
+            .iter()
+            .map(|(id, (p, _))| format!("{id}=127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes = Nodes {
+            dir,
+            peers,
+            ports,
+            procs: BTreeMap::new(),
+        };
+        for id in 1..=n {
+            nodes.spawn(id);
+        }
+        nodes
+    }
+
+    fn spawn(&mut self, id: u64) {
+        let (port, metrics) = self.ports[&id];
+        let args: Vec<String> = [
+            "serve",
+            "--id",
+            &id.to_string(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            &self
+                .dir
+                .path()
+                .join(format!("node-{id}"))
+                .display()
+                .to_string(),
+            "--peers",
+            &self.peers,
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics}"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let log = self.log_path(id);
+        let child = Cluster::spawn_wraft(&args, &log, &format!("node {id}"));
+        self.procs.insert(id, child);
+    }
+
+    fn log_path(&self, id: u64) -> std::path::PathBuf {
+        self.dir.path().join(format!("node-{id}.log"))
+    }
+
+    fn log(&self, id: u64) -> String {
+        std::fs::read_to_string(self.log_path(id)).unwrap_or_default()
+    }
+
+    async fn leader(&self) -> u64 {
+        let ids: Vec<u64> = self.procs.keys().copied().collect();
+        let ports = self.ports.clone();
+        wait_until(
+            Duration::from_secs(30),
+            "one leader known by every node",
+            || {
+                let ids = ids.clone();
+                let ports = ports.clone();
+                async move {
+                    let mut leaders = Vec::new();
+                    for id in &ids {
+                        let status = connect(ports[id].0)
+                            .status(StatusRequest {})
+                            .await
+                            .map_err(|e| format!("node {id}: {}", e.message()))?
+                            .into_inner();
+                        leaders.push(status.leader_id);
+                        if status.role == Role::Leader as i32 && status.leader_id != *id {
+                            return Err(format!("node {id} leads but names {}", status.leader_id));
+                        }
+                    }
+                    match leaders.first() {
+                        Some(&l) if l != 0 && leaders.iter().all(|x| *x == l) => Ok(l),
+                        _ => Err(format!("leaders seen: {leaders:?}")),
+                    }
+                }
+            },
+        )
+        .await
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns its exit code.
+    async fn terminate(&mut self, id: u64) -> Option<i32> {
+        let child = self.procs.get_mut(&id).expect("a running node");
+        let pid = child.id().expect("a live pid");
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        let status = within(
+            Duration::from_secs(20),
+            "a node stopping after SIGTERM",
+            child.wait(),
+        )
+        .await
+        .expect("wait for the node");
+        self.procs.remove(&id);
+        status.code()
+    }
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for id in self.ports.keys() {
+                let log = self.log(*id);
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                eprintln!("---- node {id} log (last lines) ----");
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+        for child in self.procs.values_mut() {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+async fn scrape(port: u16) -> Result<String, String> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| format!("connect to metrics port {port}: {e}"))?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut raw = String::new();
+    stream
+        .read_to_string(&mut raw)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no HTTP header in {raw:?}"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("metrics answered {head:?}"));
+    }
+    Ok(body.to_string())
+}
+
+/// Parses the Prometheus text format strictly enough to catch malformed output: every sample
+/// line is `name{labels} value` with a float value, and every family has HELP and TYPE.
+fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
+    let mut samples = BTreeMap::new();
+    let mut typed = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            let name = parts.next().expect("a TYPE line names a metric");
+            let kind = parts.next().expect("a TYPE line has a type");
+            assert!(
+                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                "bad type in {line:?}"
+            );
+            typed.insert(name.to_string());
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unknown comment line {line:?}");
+        let (series, value) = line.rsplit_once(' ').expect("a sample has a value");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("sample value not a number in {line:?}"));
+        let name = series.split('{').next().expect("a metric name");
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in {line:?}"
+        );
+        if let Some(labels) = series.strip_prefix(name) {
+            if !labels.is_empty() {
+                assert!(
+                    labels.starts_with('{') && labels.ends_with('}'),
+                    "bad labels in {line:?}"
+                );
+            }
+        }
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
+            .unwrap_or(name);
+        assert!(typed.contains(family), "sample {line:?} has no TYPE line");
+        samples.insert(series.to_string(), value);
+    }
+    samples
+}
+
+fn sample(samples: &BTreeMap<String, f64>, series: &str) -> f64 {
+    samples.get(series).copied().unwrap_or(0.0)
+}
+
+async fn put(port: u16, tenant: &str, key: &str, value: &str) {
+    let cmd = serde_json::json!({"op": "put", "key": key, "value": value});
+    let request = exec_request(tenant, cmd.to_string().into_bytes(), "", 0);
+    exec_on(&mut connect(port), request, "put")
+        .await
+        .expect_ok("put");
+}
+
+#[tokio::test]
+async fn metrics_parse_and_counters_move_with_traffic() {
+    let nodes = Nodes::start(1);
+    nodes.leader().await;
+    let (port, metrics) = nodes.ports[&1];
+    let mut client = connect(port);
+    client
+        .deploy(wraft_proto::client::DeployRequest {
+            tenant: "m".into(),
+            wasm: plugin_bytes("kv"),
+        })
+        .await
+        .expect("deploy kv");
+    for i in 0..5 {
+        put(port, "m", &format!("k{i}"), "v").await;
+    }
+    let before = parse_prometheus(&scrape(metrics).await.expect("scrape"));
+    let applies = "wraft_wasm_applies_total{tenant=\"m\"}";
+    let execs = "wraft_grpc_requests_total{code=\"Ok\",method=\"exec\"}";
+    assert!(
+        sample(&before, applies) >= 5.0,
+        "applies after 5 puts: {before:?}"
+    );
+    assert!(
+        sample(&before, execs) >= 5.0,
+        "exec requests after 5 puts: {before:?}"
+    );
+    assert_eq!(sample(&before, "wraft_raft_is_leader"), 1.0);
+    assert!(
+        sample(
+            &before,
+            "wraft_storage_write_seconds_count{synced=\"true\"}"
+        ) >= 1.0
+    );
+
+    for i in 0..7 {
+        put(port, "m", &format!("k{i}"), "w").await;
+    }
+    let after = parse_prometheus(&scrape(metrics).await.expect("scrape"));
+    assert_eq!(sample(&after, applies) - sample(&before, applies), 7.0);
+    assert_eq!(sample(&after, execs) - sample(&before, execs), 7.0);
+    assert!(
+        sample(&after, "wraft_raft_applied_index") > sample(&before, "wraft_raft_applied_index")
+    );
+}
+
+#[tokio::test]
+async fn sigterm_under_load_answers_everything_and_loses_nothing() {
+    let mut nodes = Nodes::start(3);
+    let leader = nodes.leader().await;
+    let ports: Vec<u16> = nodes.ports.values().map(|(p, _)| *p).collect();
+    let first = nodes.ports[&leader].0;
+    connect(first)
+        .deploy(wraft_proto::client::DeployRequest {
+            tenant: "c".into(),
+            wasm: plugin_bytes("counter"),
+        })
+        .await
+        .expect("deploy counter");
+
+    let acked = Arc::new(AtomicU64::new(0));
+    let unknown = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..6usize {
+        let (acked, unknown, stop, ports) =
+            (acked.clone(), unknown.clone(), stop.clone(), ports.clone());
+        clients.push(tokio::spawn(async move {
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) && n < 2000 {
+                let port = ports[(c + n) % ports.len()];
+                n += 1;
+                let cmd = serde_json::json!({"op": "add", "n": 1});
+                let mut request =
+                    tonic::Request::new(exec_request("c", cmd.to_string().into_bytes(), "", 0));
+                request.set_timeout(Duration::from_secs(10));
+                // Every call must come back: the test fails if one hangs past its deadline.
+                let result = within(
+                    Duration::from_secs(20),
+                    "an exec during SIGTERM",
+                    connect(port).exec(request),
+                )
+                .await;
+                match ExecOutcome::from_result(result) {
+                    ExecOutcome::Ok { .. } => {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    ExecOutcome::Definite(_) => {}
+                    ExecOutcome::ModuleError { message, .. } => panic!("add rejected: {message}"),
+                    ExecOutcome::Indeterminate(_) | ExecOutcome::Unclassified(_) => {
+                        unknown.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "some acknowledged adds before the SIGTERM",
+        || {
+            let acked = acked.clone();
+            async move {
+                match acked.load(Ordering::Relaxed) {
+                    n if n >= 50 => Ok(()),
+                    n => Err(format!("{n} acknowledged")),
+                }
+            }
+        },
+    )
+    .await;
+    let code = nodes.terminate(leader).await;
+    assert_eq!(code, Some(0), "a node stopped by SIGTERM exits 0");
+    assert!(
+        nodes.log(leader).contains("transferring leadership"),
+        "the stopping leader hands leadership over"
+    );
+    // The survivors keep taking writes while the stopped node is down.
+    let survivors: Vec<u64> = nodes.procs.keys().copied().collect();
+    let before = acked.load(Ordering::Relaxed);
+    wait_until(
+        Duration::from_secs(30),
+        "writes acknowledged after the SIGTERM",
+        || {
+            let acked = acked.clone();
+            async move {
+                match acked.load(Ordering::Relaxed) {
+                    n if n >= before + 20 => Ok(()),
+                    n => Err(format!("{n} acknowledged, {before} before the stop")),
+                }
+            }
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.expect("a client task");
+    }
+    nodes.spawn(leader);
+    let new_leader = nodes.leader().await;
+    assert!(survivors.contains(&new_leader) || new_leader == leader);
+
+    let acked = acked.load(Ordering::Relaxed);
+    let unknown = unknown.load(Ordering::Relaxed);
+    let read = connect(nodes.ports[&new_leader].0)
+        .query(QueryRequest {
+            tenant: "c".into(),
+            query: br#"{"op":"get"}"#.to_vec(),
+            consistency: Consistency::Linearizable as i32,
+        })
+        .await
+        .expect("read the counter")
+        .into_inner();
+    let value = match read.outcome {
+        Some(wraft_proto::client::query_response::Outcome::Output(out)) => {
+            serde_json::from_slice::<serde_json::Value>(&out).expect("json")["value"]
+                .as_u64()
+                .expect("a number")
+        }
+        other => panic!("query failed: {other:?}"),
+    };
+    assert!(
+        value >= acked && value <= acked + unknown,
+        "counter {value}: acknowledged {acked}, indeterminate {unknown}"
+    );
+    // The restarted node catches up to the same value.
+    let port = nodes.ports[&leader].0;
+    wait_until(
+        Duration::from_secs(30),
+        "the restarted node to catch up",
+        || async move {
+            let r = connect(port)
+                .query(QueryRequest {
+                    tenant: "c".into(),
+                    query: br#"{"op":"get"}"#.to_vec(),
+                    consistency: Consistency::Stale as i32,
+                })
+                .await
+                .map_err(|e| e.message().to_string())?
+                .into_inner();
+            match r.outcome {
+                Some(wraft_proto::client::query_response::Outcome::Output(out))
+                    if out == format!("{{\"value\":{value}}}").into_bytes() =>
+                {
+                    Ok(())
+                }
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+}
