@@ -93,6 +93,7 @@ mod tests {
                     client_id: String::new(),
                     seq: 0,
                 })),
+                request_id: "r1".into(),
             }],
         };
         assert_eq!(decode(&encode(&entry)).unwrap(), entry);

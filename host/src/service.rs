@@ -16,6 +16,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use wraft_proto::client::wraft_client::WraftClient;
 use wraft_proto::client::wraft_server::{Wraft, WraftServer};
 use wraft_proto::client::*;
@@ -34,6 +35,8 @@ use crate::Error;
 pub const LEADER_WAIT: Duration = Duration::from_secs(3);
 /// Marks a request forwarded by a follower, so the receiver never forwards it again.
 const FORWARDED_KEY: &str = "wraft-forwarded";
+/// Carries a request's id from the client, across forwarding, into the log entry.
+pub const REQUEST_ID_KEY: &str = "wraft-request-id";
 
 /// What the client API needs from the node.
 pub struct NodeContext {
@@ -143,16 +146,22 @@ impl ClientService {
     }
 
     /// Builds the forwarded request: marked, and bounded by our own timeout plus slack.
-    fn forward_request<T>(&self, body: T) -> Request<T> {
+    fn forward_request<T>(&self, body: T, request_id: &str) -> Request<T> {
         crate::metrics::METRICS
             .forwarded
-            .with_label_values(&[std::any::type_name::<T>().rsplit("::").next().unwrap_or("request")])
+            .with_label_values(&[std::any::type_name::<T>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("request")])
             .inc();
         let mut req = Request::new(body);
         req.metadata_mut().insert(
             FORWARDED_KEY,
             tonic::metadata::MetadataValue::from_static("1"),
         );
+        if let Ok(value) = tonic::metadata::MetadataValue::try_from(request_id) {
+            req.metadata_mut().insert(REQUEST_ID_KEY, value);
+        }
         req.set_timeout(self.ctx.request_timeout + Duration::from_secs(1));
         req
     }
@@ -183,12 +192,18 @@ impl ClientService {
         )
     }
 
-    async fn propose(&self, tenant: String, kind: op::Kind) -> Result<Applied, Error> {
+    async fn propose(
+        &self,
+        request_id: &str,
+        tenant: String,
+        kind: op::Kind,
+    ) -> Result<Applied, Error> {
         let (reply, answer) = oneshot::channel();
         let op = wlog::Op {
             id: None,
             tenant,
             kind: Some(kind),
+            request_id: request_id.to_string(),
         };
         self.ctx
             .raft
@@ -259,6 +274,27 @@ impl ClientService {
     }
 }
 
+/// The request's id: the client's `wraft-request-id` (kept when it is short and printable),
+/// else one drawn here. It goes into the log entry and every log line about the request.
+fn request_id_of<T>(req: &Request<T>) -> String {
+    req.metadata()
+        .get(REQUEST_ID_KEY)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64)
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
+}
+
+/// Makes sure the request carries an id (drawn here when the client sent none), so the
+/// handler, its span and any forwarded copy share it.
+fn ensure_request_id<T>(mut req: Request<T>) -> (Request<T>, String) {
+    let id = request_id_of(&req);
+    if let Ok(value) = tonic::metadata::MetadataValue::try_from(id.as_str()) {
+        req.metadata_mut().insert(REQUEST_ID_KEY, value);
+    }
+    (req, id)
+}
+
 fn is_forwarded<T>(req: &Request<T>) -> bool {
     req.metadata().get(FORWARDED_KEY).is_some()
 }
@@ -272,8 +308,12 @@ fn module_error(kind: module_error::Kind, message: String) -> ModuleError {
 
 /// The handlers, one per RPC: decode, validate, route, act, encode.
 impl ClientService {
-    async fn deploy_inner(&self, request: Request<DeployRequest>) -> Result<Response<DeployResponse>, Status> {
+    async fn deploy_inner(
+        &self,
+        request: Request<DeployRequest>,
+    ) -> Result<Response<DeployResponse>, Status> {
         let forwarded = is_forwarded(&request);
+        let rid = request_id_of(&request);
         let req = request.into_inner();
         check_tenant_name(&req.tenant)?;
         check_size("the module", req.wasm.len(), MAX_MODULE_BYTES)?;
@@ -281,7 +321,7 @@ impl ClientService {
         match self.route(forwarded).await? {
             Route::Forward(leader, mut client) => {
                 return client
-                    .deploy(self.forward_request(req))
+                    .deploy(self.forward_request(req, &rid))
                     .await
                     .map_err(|s| self.forward_failed(leader, s, true));
             }
@@ -305,6 +345,7 @@ impl ClientService {
         }
         let applied = self
             .propose(
+                &rid,
                 tenant.clone(),
                 op::Kind::Deploy(wlog::Deploy {
                     wasm,
@@ -321,8 +362,12 @@ impl ClientService {
         }
     }
 
-    async fn exec_inner(&self, request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
+    async fn exec_inner(
+        &self,
+        request: Request<ExecRequest>,
+    ) -> Result<Response<ExecResponse>, Status> {
         let forwarded = is_forwarded(&request);
+        let rid = request_id_of(&request);
         let req = request.into_inner();
         check_tenant_name(&req.tenant)?;
         check_size("the command", req.command.len(), MAX_COMMAND_BYTES)?;
@@ -330,7 +375,7 @@ impl ClientService {
         match self.route(forwarded).await? {
             Route::Forward(leader, mut client) => {
                 return client
-                    .exec(self.forward_request(req))
+                    .exec(self.forward_request(req, &rid))
                     .await
                     .map_err(|s| self.forward_failed(leader, s, true));
             }
@@ -342,6 +387,7 @@ impl ClientService {
         let tenant = req.tenant.clone();
         let applied = self
             .propose(
+                &rid,
                 req.tenant,
                 op::Kind::Command(wlog::Command {
                     payload: req.command,
@@ -366,8 +412,12 @@ impl ClientService {
         }))
     }
 
-    async fn query_inner(&self, request: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
+    async fn query_inner(
+        &self,
+        request: Request<QueryRequest>,
+    ) -> Result<Response<QueryResponse>, Status> {
         let forwarded = is_forwarded(&request);
+        let rid = request_id_of(&request);
         let req = request.into_inner();
         check_tenant_name(&req.tenant)?;
         check_size("the query", req.query.len(), MAX_QUERY_BYTES)?;
@@ -378,7 +428,7 @@ impl ClientService {
             Ok(Consistency::Linearizable) => match self.route(forwarded).await? {
                 Route::Forward(leader, mut client) => {
                     return client
-                        .query(self.forward_request(req))
+                        .query(self.forward_request(req, &rid))
                         .await
                         .map_err(|s| self.forward_failed(leader, s, false));
                 }
@@ -417,7 +467,10 @@ impl ClientService {
         }))
     }
 
-    async fn status_inner(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status_inner(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         let raft = self.ctx.raft_status.borrow().clone();
         let (applied, tenants) = match self.ctx.view.read() {
             Ok(v) => (
@@ -465,7 +518,10 @@ impl ClientService {
         }))
     }
 
-    async fn digest_inner(&self, request: Request<DigestRequest>) -> Result<Response<DigestResponse>, Status> {
+    async fn digest_inner(
+        &self,
+        request: Request<DigestRequest>,
+    ) -> Result<Response<DigestResponse>, Status> {
         let req = request.into_inner();
         check_tenant_name(&req.tenant)?;
         let deadline = Instant::now() + self.ctx.request_timeout;
@@ -492,37 +548,59 @@ impl ClientService {
 
 #[tonic::async_trait]
 impl Wraft for ClientService {
-    async fn deploy(&self, request: Request<DeployRequest>) -> Result<Response<DeployResponse>, Status> {
+    async fn deploy(
+        &self,
+        request: Request<DeployRequest>,
+    ) -> Result<Response<DeployResponse>, Status> {
         let started = std::time::Instant::now();
-        let result = self.deploy_inner(request).await;
+        let (request, id) = ensure_request_id(request);
+        let span = tracing::info_span!("request", method = "deploy", request_id = %id);
+        let result = self.deploy_inner(request).instrument(span).await;
         crate::metrics::observe_grpc("deploy", started, &result);
         result
     }
 
     async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
         let started = std::time::Instant::now();
-        let result = self.exec_inner(request).await;
+        let (request, id) = ensure_request_id(request);
+        let span = tracing::info_span!("request", method = "exec", request_id = %id);
+        let result = self.exec_inner(request).instrument(span).await;
         crate::metrics::observe_grpc("exec", started, &result);
         result
     }
 
-    async fn query(&self, request: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
+    async fn query(
+        &self,
+        request: Request<QueryRequest>,
+    ) -> Result<Response<QueryResponse>, Status> {
         let started = std::time::Instant::now();
-        let result = self.query_inner(request).await;
+        let (request, id) = ensure_request_id(request);
+        let span = tracing::info_span!("request", method = "query", request_id = %id);
+        let result = self.query_inner(request).instrument(span).await;
         crate::metrics::observe_grpc("query", started, &result);
         result
     }
 
-    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         let started = std::time::Instant::now();
-        let result = self.status_inner(request).await;
+        let (request, id) = ensure_request_id(request);
+        let span = tracing::info_span!("request", method = "status", request_id = %id);
+        let result = self.status_inner(request).instrument(span).await;
         crate::metrics::observe_grpc("status", started, &result);
         result
     }
 
-    async fn digest(&self, request: Request<DigestRequest>) -> Result<Response<DigestResponse>, Status> {
+    async fn digest(
+        &self,
+        request: Request<DigestRequest>,
+    ) -> Result<Response<DigestResponse>, Status> {
         let started = std::time::Instant::now();
-        let result = self.digest_inner(request).await;
+        let (request, id) = ensure_request_id(request);
+        let span = tracing::info_span!("request", method = "digest", request_id = %id);
+        let result = self.digest_inner(request).instrument(span).await;
         crate::metrics::observe_grpc("digest", started, &result);
         result
     }

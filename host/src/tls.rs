@@ -232,9 +232,15 @@ mod tests {
         let junk = dir.path().join("junk.pem");
         std::fs::write(&junk, "not a certificate").unwrap();
         let err = read_certs("--tls-ca", &junk).unwrap_err().to_string();
-        assert!(err.contains("--tls-ca") && err.contains("no PEM certificate"), "{err}");
+        assert!(
+            err.contains("--tls-ca") && err.contains("no PEM certificate"),
+            "{err}"
+        );
         let err = read_key("--tls-key", &junk).unwrap_err().to_string();
-        assert!(err.contains("--tls-key") && err.contains("no PEM private key"), "{err}");
+        assert!(
+            err.contains("--tls-key") && err.contains("no PEM private key"),
+            "{err}"
+        );
     }
 
     #[test]

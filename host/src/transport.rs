@@ -129,6 +129,8 @@ impl PeerLink {
         };
         // The first message of the next batch, kept across a reconnect.
         let mut carry: Option<Message> = None;
+        // Whether the last connect failed on a certificate: logged once, not at every retry.
+        let mut refused = false;
         loop {
             let first = match carry.take() {
                 Some(m) => m,
@@ -142,16 +144,14 @@ impl PeerLink {
                 Err(err) => {
                     let why = crate::tls::error_chain(&err);
                     // A peer that is down is routine; a certificate refusal will not heal by
-                    // retrying and must be seen: once per outage (backoff is still at its
-                    // minimum on the first failure), not at every retry.
-                    if self.tls.is_some()
-                        && backoff == BACKOFF_MIN
-                        && crate::tls::is_certificate_error(&why)
-                    {
+                    // retrying and must be seen (once, not at every retry).
+                    let cert_error = self.tls.is_some() && crate::tls::is_certificate_error(&why);
+                    if cert_error && !refused {
                         tracing::warn!(peer = self.to, addr = %self.addr, %why, "TLS refused: cannot connect to peer");
                     } else {
                         tracing::debug!(peer = self.to, %why, "cannot connect to peer");
                     }
+                    refused = cert_error;
                     self.unreachable();
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);

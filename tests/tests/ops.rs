@@ -32,10 +32,15 @@ struct Nodes {
     peers: String,
     ports: BTreeMap<u64, (u16, u16)>,
     procs: BTreeMap<u64, Child>,
+    env: Vec<(String, String)>,
 }
 
 impl Nodes {
     fn start(n: u64) -> Nodes {
+        Nodes::start_env(n, Vec::new())
+    }
+
+    fn start_env(n: u64, env: Vec<(String, String)>) -> Nodes {
         let dir = tempfile::tempdir().expect("temp dir");
         let ports = free_ports(2 * n as usize);
         let ports: BTreeMap<u64, (u16, u16)> = (1..=n)
@@ -54,6 +59,7 @@ impl Nodes {
             peers,
             ports,
             procs: BTreeMap::new(),
+            env,
         };
         for id in 1..=n {
             nodes.spawn(id);
@@ -85,7 +91,7 @@ impl Nodes {
         .map(|s| s.to_string())
         .collect();
         let log = self.log_path(id);
-        let child = Cluster::spawn_wraft(&args, &log, &format!("node {id}"));
+        let child = Cluster::spawn_wraft_env(&args, &log, &format!("node {id}"), &self.env);
         self.procs.insert(id, child);
     }
 
@@ -444,4 +450,54 @@ async fn sigterm_under_load_answers_everything_and_loses_nothing() {
         },
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_request_id_follows_a_request_across_nodes() {
+    let nodes = Nodes::start_env(3, vec![("RUST_LOG".into(), "info,wraft=debug".into())]);
+    let leader = nodes.leader().await;
+    let follower = nodes
+        .ports
+        .keys()
+        .copied()
+        .find(|id| *id != leader)
+        .expect("a follower");
+    let port = nodes.ports[&follower].0;
+    connect(port)
+        .deploy(wraft_proto::client::DeployRequest {
+            tenant: "r".into(),
+            wasm: plugin_bytes("kv"),
+        })
+        .await
+        .expect("deploy kv");
+    // A malformed command: the module rejects it, which every replica logs at debug level with
+    // the request id, so the id must reach every node through the log entry.
+    let mut request = tonic::Request::new(exec_request("r", b"not json".to_vec(), "", 0));
+    request
+        .metadata_mut()
+        .insert("wraft-request-id", "trace-me-42".parse().expect("metadata"));
+    let outcome = ExecOutcome::from_result(connect(port).exec(request).await);
+    assert!(
+        matches!(outcome, ExecOutcome::ModuleError { .. }),
+        "{outcome:?}"
+    );
+    let ids: Vec<u64> = nodes.ports.keys().copied().collect();
+    for id in ids {
+        let what = format!("node {id}'s log to mention the request id");
+        wait_until(Duration::from_secs(15), &what, || {
+            let log = nodes.log(id);
+            async move {
+                if log.contains("trace-me-42") {
+                    Ok(())
+                } else {
+                    Err("not yet".to_string())
+                }
+            }
+        })
+        .await;
+    }
+    assert!(
+        nodes.log(follower).contains("request_id=trace-me-42"),
+        "the follower's request span carries the id"
+    );
 }

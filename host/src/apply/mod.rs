@@ -241,7 +241,13 @@ impl ApplyStage {
         let mut outcomes = Vec::with_capacity(ops.len());
         for (pos, op) in ops.iter().enumerate() {
             let at = (index, pos as u32);
-            outcomes.push(self.apply_op(at, op));
+            let outcome = self.apply_op(at, op);
+            if let Some(OpOutcome::Failed { kind, message }) = &outcome {
+                tracing::debug!(request_id = %op.request_id, tenant = %op.tenant, index, position = pos, kind = kind.as_str_name(), %message, "op failed");
+            } else {
+                tracing::trace!(request_id = %op.request_id, tenant = %op.tenant, index, position = pos, "op applied");
+            }
+            outcomes.push(outcome);
             self.last_pos = at;
         }
         self.applied = index;

@@ -87,6 +87,7 @@ impl Harness {
                 id: Some(self.ids.next_id()),
                 tenant: "t".into(),
                 kind: Some(kind),
+                request_id: String::new(),
             })
             .collect();
         let data = crate::envelope::encode(&LogEntry {

@@ -43,10 +43,7 @@ enum CertsError {
     #[error("{0}")]
     Usage(String),
     #[error("make {what}: {source}")]
-    Generate {
-        what: String,
-        source: rcgen::Error,
-    },
+    Generate { what: String, source: rcgen::Error },
     #[error("write {}: {source}", path.display())]
     Write {
         path: PathBuf,
