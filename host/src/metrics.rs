@@ -271,14 +271,18 @@ mod tests {
 
     #[test]
     fn every_metric_registers_and_renders() {
-        METRICS.applies.with_label_values(&["t"]).inc();
+        // A label no other test uses: under `cargo test` every test shares this registry.
+        METRICS
+            .applies
+            .with_label_values(&["metrics-test-only"])
+            .inc();
         METRICS
             .storage_write_seconds
             .with_label_values(&["true"])
             .observe(0.001);
         let text = METRICS.render();
         assert!(
-            text.contains("wraft_wasm_applies_total{tenant=\"t\"} 1"),
+            text.contains("wraft_wasm_applies_total{tenant=\"metrics-test-only\"} 1"),
             "{text}"
         );
         assert!(

@@ -51,6 +51,8 @@ pub enum RaftInput {
     Peer(Message),
     /// The transport lost its connection to this peer.
     Unreachable(u64),
+    /// On the leader: each other member's replication progress (empty elsewhere).
+    Progress(oneshot::Sender<Vec<wraft_proto::client::FollowerProgress>>),
     /// Stop the loop.
     Shutdown,
 }
@@ -150,6 +152,9 @@ impl RaftLoop {
                             RaftInput::ReadIndex(r) => reads.push(r),
                             RaftInput::Peer(m) => self.step(m),
                             RaftInput::Unreachable(id) => self.raw.report_unreachable(id),
+                            RaftInput::Progress(reply) => {
+                                let _ = reply.send(self.progress());
+                            }
                             RaftInput::Shutdown => self.begin_shutdown(),
                         }
                         taken += 1;
@@ -209,6 +214,26 @@ impl RaftLoop {
             }
             None => tracing::info!("stopping: no other voter to transfer leadership to"),
         }
+    }
+
+    fn progress(&self) -> Vec<wraft_proto::client::FollowerProgress> {
+        let raft = &self.raw.raft;
+        if raft.state != StateRole::Leader {
+            return Vec::new();
+        }
+        let mut out: Vec<_> = raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != raft.id)
+            .map(|(id, pr)| wraft_proto::client::FollowerProgress {
+                id: *id,
+                match_index: pr.matched,
+                next_index: pr.next_idx,
+                state: format!("{:?}", pr.state).to_lowercase(),
+            })
+            .collect();
+        out.sort_by_key(|p| p.id);
+        out
     }
 
     fn step(&mut self, msg: Message) {
@@ -372,7 +397,9 @@ impl RaftLoop {
         if !ready.entries().is_empty() || ready.hs().is_some() {
             let started = Instant::now();
             let sync = ready.must_sync();
-            self.raw.mut_store().append(ready.entries(), ready.hs(), sync)?;
+            self.raw
+                .mut_store()
+                .append(ready.entries(), ready.hs(), sync)?;
             METRICS
                 .storage_write_seconds
                 .with_label_values(&[if sync { "true" } else { "false" }])

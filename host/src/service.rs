@@ -265,6 +265,20 @@ impl ClientService {
         }
     }
 
+    /// The leader's view of its followers; empty if the Raft loop does not answer promptly
+    /// (status must answer even when the loop is saturated).
+    async fn follower_progress(&self) -> Vec<FollowerProgress> {
+        let (reply, answer) = oneshot::channel();
+        if self.ctx.raft.try_send(RaftInput::Progress(reply)).is_err() {
+            return Vec::new();
+        }
+        tokio::time::timeout(Duration::from_secs(1), answer)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+    }
+
     fn tenant_exists(&self, tenant: &str) -> bool {
         self.ctx
             .view
@@ -472,6 +486,11 @@ impl ClientService {
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         let raft = self.ctx.raft_status.borrow().clone();
+        let followers = if raft.role == RaftRole::Leader {
+            self.follower_progress().await
+        } else {
+            Vec::new()
+        };
         let (applied, tenants) = match self.ctx.view.read() {
             Ok(v) => (
                 v.applied,
@@ -515,6 +534,7 @@ impl ClientService {
             members,
             tenants,
             cluster_id: format!("{:016x}", self.ctx.cluster_id),
+            followers,
         }))
     }
 

@@ -182,13 +182,13 @@ fn validate(op: &Operation) -> Result<(), CheckError> {
             )));
         }
     }
-    let kinds_match = match (&op.op, &op.outcome) {
-        (_, Outcome::Fail | Outcome::Unknown) => true,
-        (Op::Put { .. }, Outcome::Ok(Ret::Put { .. })) => true,
-        (Op::Get, Outcome::Ok(Ret::Get { .. })) => true,
-        (Op::Cas { .. }, Outcome::Ok(Ret::Cas { .. })) => true,
-        _ => false,
-    };
+    let kinds_match = matches!(
+        (&op.op, &op.outcome),
+        (_, Outcome::Fail | Outcome::Unknown)
+            | (Op::Put { .. }, Outcome::Ok(Ret::Put { .. }))
+            | (Op::Get, Outcome::Ok(Ret::Get { .. }))
+            | (Op::Cas { .. }, Outcome::Ok(Ret::Cas { .. }))
+    );
     if !kinds_match {
         return Err(CheckError::Malformed(format!(
             "result of the wrong kind: {op}"
@@ -895,7 +895,7 @@ mod tests {
             for (_, o) in ops.iter_mut() {
                 o.outcome = Outcome::Ok(match &o.op {
                     Op::Put { value } => Ret::Put {
-                        prev: std::mem::replace(&mut state, Some(value.clone())),
+                        prev: state.replace(value.clone()),
                     },
                     Op::Get => Ret::Get {
                         value: state.clone(),

@@ -479,7 +479,6 @@ async fn register_linearizable_under_faults() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn checker_catches_stale_reads() {
     const TEST: &str = "checker_catches_stale_reads";
-    const PROBE_KEY: &str = "probe";
     let seed = seed();
     let cluster = Cluster::start_with(
         3,
@@ -502,7 +501,33 @@ async fn checker_catches_stale_reads() {
 
     // 1. An acknowledged write that the victim has applied.
     let writer = cluster.client(leader);
-    let first = put_until_ok(&history, process, &writer, leader, PROBE_KEY, "p0").await;
+    // The probe key must have exactly one write before the partition, and that one
+    // acknowledged: an attempt with an unknown outcome could take effect later (and then explain
+    // a stale read), so after one the probe moves to a fresh key.
+    let mut probe_key = String::new();
+    let mut first = None;
+    for attempt in 0..100 {
+        probe_key = format!("probe{attempt}");
+        let op = Op::Put { value: "p0".into() };
+        match exec_recorded(
+            &history,
+            process,
+            &mut writer.clone(),
+            leader,
+            &probe_key,
+            op,
+        )
+        .await
+        {
+            (Outcome::Ok(_), Some(index)) => {
+                first = Some(index);
+                break;
+            }
+            _ => tokio::time::sleep(ERROR_BACKOFF).await,
+        }
+    }
+    let first = first.expect("no put acknowledged in 100 attempts on a healthy cluster");
+    let probe_key = probe_key.as_str();
     cluster.wait_applied(victim, first).await;
 
     // 2. The victim is cut off from both other nodes, both directions.
@@ -532,19 +557,19 @@ async fn checker_catches_stale_reads() {
         process,
         &majority_client,
         majority[0],
-        PROBE_KEY,
+        probe_key,
         "p1",
     )
     .await;
     let reader = cluster.client(victim);
     let stale = wait_until(
         Duration::from_secs(60),
-        &format!("a read of {PROBE_KEY} through isolated node {victim}"),
+        &format!("a read of {probe_key} through isolated node {victim}"),
         || {
             let mut reader = reader.clone();
             let history = &history;
             async move {
-                match get_recorded(history, process, &mut reader, victim, PROBE_KEY).await {
+                match get_recorded(history, process, &mut reader, victim, probe_key).await {
                     Outcome::Ok(Ret::Get { value }) => Ok(value),
                     other => Err(format!("{other:?}")),
                 }
@@ -591,10 +616,10 @@ async fn checker_catches_stale_reads() {
         ),
     }
     // The probe key alone, whose staleness is certain, must be caught too.
-    let probe: Vec<_> = ops.into_iter().filter(|o| o.key == PROBE_KEY).collect();
+    let probe: Vec<_> = ops.into_iter().filter(|o| o.key == probe_key).collect();
     assert!(
         matches!(check(&probe), Err(CheckError::Violation { .. })),
-        "seed {seed}: the checker missed the certain stale read of {PROBE_KEY}"
+        "seed {seed}: the checker missed the certain stale read of {probe_key}"
     );
 }
 

@@ -45,10 +45,7 @@ pub async fn deploy(args: DeployArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match client
-        .deploy(&args.tenant, wasm)
-        .await
-    {
+    match client.deploy(&args.tenant, wasm).await {
         Ok(resp) => {
             println!("{}", resp.module_hash);
             ExitCode::SUCCESS

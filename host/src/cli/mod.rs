@@ -52,11 +52,15 @@ impl Endpoints {
     /// The TLS configuration the options ask for (`None`: plain text). A file that cannot be
     /// read is a usage error: exit 2 with the file named.
     fn tls(&self) -> Result<Option<tonic::transport::ClientTlsConfig>, ExitCode> {
-        crate::tls::client_config(self.ca.as_deref(), self.cert.as_deref(), self.key.as_deref())
-            .map_err(|err| {
-                eprintln!("error: {err}");
-                ExitCode::from(2)
-            })
+        crate::tls::client_config(
+            self.ca.as_deref(),
+            self.cert.as_deref(),
+            self.key.as_deref(),
+        )
+        .map_err(|err| {
+            eprintln!("error: {err}");
+            ExitCode::from(2)
+        })
     }
 
     /// A client of these endpoints, with TLS when the options ask for it.

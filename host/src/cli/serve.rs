@@ -122,15 +122,15 @@ impl Args {
                     .map_err(|e| e.to_string())?,
             ),
             (None, None, None) if client_cert_required => {
-                return Err("--client-cert-required needs TLS: --tls-cert, --tls-key and --tls-ca".into())
-            }
-            (None, None, None) => None,
-            _ => {
                 return Err(
-                    "TLS needs all three of --tls-cert, --tls-key and --tls-ca (one or two are set)"
-                        .into(),
+                    "--client-cert-required needs TLS: --tls-cert, --tls-key and --tls-ca".into(),
                 )
             }
+            (None, None, None) => None,
+            _ => return Err(
+                "TLS needs all three of --tls-cert, --tls-key and --tls-ca (one or two are set)"
+                    .into(),
+            ),
         };
         Ok(NodeConfig {
             id,
@@ -276,12 +276,21 @@ mod tests {
         assert_eq!((c.id, c.peers.len()), (2, 2));
         assert_eq!(c.request_timeout, Duration::from_millis(5000), "default");
         assert!(c.tls.is_none() && c.metrics_listen.is_none());
-        let c = serve(&["--config", file, "--data-dir", "/from/flag", "--peers", "2=h:1"])
-            .resolve()
-            .unwrap();
+        let c = serve(&[
+            "--config",
+            file,
+            "--data-dir",
+            "/from/flag",
+            "--peers",
+            "2=h:1",
+        ])
+        .resolve()
+        .unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/from/flag"));
         assert_eq!(c.peers.len(), 1, "a list flag replaces the file's list");
-        let c = serve(&["--metrics-listen", "127.0.0.1:9100"]).resolve().unwrap();
+        let c = serve(&["--metrics-listen", "127.0.0.1:9100"])
+            .resolve()
+            .unwrap();
         assert_eq!(c.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
     }
 
@@ -303,9 +312,16 @@ mod tests {
         assert!(err.contains("all three"), "{err}");
         let err = serve(&["--client-cert-required"]).resolve().unwrap_err();
         assert!(err.contains("needs TLS"), "{err}");
-        let err = serve(&["--tls-cert", "/no/cert.pem", "--tls-key", "/k", "--tls-ca", "/c"])
-            .resolve()
-            .unwrap_err();
+        let err = serve(&[
+            "--tls-cert",
+            "/no/cert.pem",
+            "--tls-key",
+            "/k",
+            "--tls-ca",
+            "/c",
+        ])
+        .resolve()
+        .unwrap_err();
         assert!(err.starts_with("read --tls-cert /no/cert.pem: "), "{err}");
     }
 
@@ -317,7 +333,10 @@ mod tests {
         let err = serve(&["--config", path.to_str().unwrap()])
             .resolve()
             .unwrap_err();
-        assert!(err.starts_with(&format!("config {}: ", path.display())), "{err}");
+        assert!(
+            err.starts_with(&format!("config {}: ", path.display())),
+            "{err}"
+        );
         assert!(err.contains("unknown field `lisen`"), "{err}");
     }
 }

@@ -38,6 +38,7 @@ fn to_json(endpoint: &str, s: &StatusResponse) -> serde_json::Value {
         "cluster_id": s.cluster_id,
         "members": s.members.iter().map(|m| json!({"id": m.id, "addr": m.addr, "voter": m.voter})).collect::<Vec<_>>(),
         "tenants": s.tenants.iter().map(|t| json!({"name": t.name, "module_hash": t.module_hash, "applied_index": t.applied_index})).collect::<Vec<_>>(),
+        "followers": s.followers.iter().map(|f| json!({"id": f.id, "match_index": f.match_index, "next_index": f.next_index, "state": f.state})).collect::<Vec<_>>(),
     })
 }
 
