@@ -513,7 +513,15 @@ impl RaftLoop {
                     .set(self.raw.raft.raft_log.last_index() as i64);
                 if current.role != next.role || current.term != next.term {
                     METRICS.leader_changes.inc();
-                    tracing::info!(role = ?next.role, term = next.term, leader = next.leader, "raft role changed");
+                    // The fault tests check Raft's invariants from these lines (one leader per term,
+                    // commit never going backwards): keep the fields.
+                    tracing::info!(
+                        role = ?next.role,
+                        term = next.term,
+                        leader = next.leader,
+                        commit = next.commit,
+                        "raft role changed"
+                    );
                 }
                 *current = next;
                 true

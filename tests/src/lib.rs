@@ -18,6 +18,7 @@
 pub mod cli;
 pub mod cluster;
 pub mod history;
+pub mod invariants;
 pub mod linearizability;
 pub mod outcome;
 pub mod paths;

@@ -41,6 +41,15 @@ const CALL_BACKSTOP: Duration = Duration::from_secs(15);
 const ERROR_BACKOFF: Duration = Duration::from_millis(30);
 /// How long clients run under faults in the main test.
 const FAULT_PHASE: Duration = Duration::from_secs(16);
+
+/// How long faults are injected: [`FAULT_PHASE`] in CI, longer for a soak (`WRAFT_FAULT_SECS`).
+fn fault_phase() -> Duration {
+    std::env::var("WRAFT_FAULT_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(FAULT_PHASE)
+}
 /// Upper bound on operations per client, whatever the speed of the machine.
 const MAX_OPS_PER_CLIENT: u64 = 20_000;
 /// How long every background task gets to notice the stop flag and return.
@@ -398,7 +407,7 @@ async fn register_linearizable_under_faults() {
     }
 
     let mut rng = StdRng::seed_from_u64(seed);
-    let phase_end = Instant::now() + FAULT_PHASE;
+    let phase_end = Instant::now() + fault_phase();
     let mut injected = 0usize;
     // Bounded by time, and by count in case a fault's injection returns at once.
     for _ in 0..64 {
@@ -463,6 +472,21 @@ async fn register_linearizable_under_faults() {
         "only {} operations succeeded (seed {seed}); the workload did not exercise the cluster",
         counts.ok
     );
+    // Raft's own invariants, from every role change the nodes logged during the run.
+    let logs: Vec<(u64, String)> = ids.iter().map(|&id| (id, cluster.log(id))).collect();
+    match wraft_tests::invariants::check(&logs) {
+        Ok(raft) => println!(
+            "raft invariants hold: {} role changes, {} terms with a leader",
+            raft.role_changes, raft.terms_with_a_leader
+        ),
+        Err(e) => {
+            save_logs(&cluster, &path);
+            panic!(
+                "seed {seed}: raft invariant broken: {e}\nfault schedule:\n{}",
+                history.fault_schedule()
+            );
+        }
+    }
     match check(&history.operations()) {
         Ok(stats) => println!("linearizable: {stats:?}"),
         Err(e) => {
