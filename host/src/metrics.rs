@@ -31,6 +31,7 @@ pub struct Metrics {
     // Storage
     pub storage_write_seconds: HistogramVec,
     pub log_last_index: IntGauge,
+    pub log_entries: IntGauge,
     // Wasm, per tenant
     pub applies: IntCounterVec,
     pub traps: IntCounterVec,
@@ -117,6 +118,10 @@ impl Metrics {
                 "storage_log_last_index",
                 "Last index in the stored raft log.",
             ),
+            log_entries: gauge(
+                "storage_log_entries",
+                "Entries in the stored raft log (it grows until log compaction exists).",
+            ),
             applies: counters(
                 "wasm_applies_total",
                 "Commands applied, per tenant.",
@@ -191,6 +196,7 @@ impl Metrics {
             Box::new(m.leader_changes.clone()),
             Box::new(m.storage_write_seconds.clone()),
             Box::new(m.log_last_index.clone()),
+            Box::new(m.log_entries.clone()),
             Box::new(m.applies.clone()),
             Box::new(m.traps.clone()),
             Box::new(m.fuel_used.clone()),

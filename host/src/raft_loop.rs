@@ -508,9 +508,11 @@ impl RaftLoop {
                 METRICS.term.set(next.term as i64);
                 METRICS.is_leader.set(i64::from(next.role == Role::Leader));
                 METRICS.commit_index.set(next.commit as i64);
+                let log = &self.raw.raft.raft_log;
+                METRICS.log_last_index.set(log.last_index() as i64);
                 METRICS
-                    .log_last_index
-                    .set(self.raw.raft.raft_log.last_index() as i64);
+                    .log_entries
+                    .set((log.last_index() + 1).saturating_sub(log.first_index()) as i64);
                 if current.role != next.role || current.term != next.term {
                     METRICS.leader_changes.inc();
                     // The fault tests check Raft's invariants from these lines (one leader per term,

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use wraft_proto::client::exec_response::Outcome;
 
-use super::{fail, module_failed, print_output, Endpoints};
+use super::{fail, finish, Endpoints};
 
 #[derive(clap::Args, Debug)]
 pub struct DeployArgs {
@@ -64,17 +64,13 @@ pub async fn exec(args: ExecArgs) -> ExitCode {
         .exec(&args.tenant, args.command.into_bytes(), session)
         .await
     {
-        Ok(resp) => match resp.outcome {
-            Some(Outcome::Output(out)) => {
-                print_output(&out);
-                ExitCode::SUCCESS
-            }
-            Some(Outcome::Error(err)) => module_failed(&err),
-            None => {
-                eprintln!("error: the node sent an empty answer");
-                ExitCode::from(super::EXIT_INDETERMINATE)
-            }
-        },
+        Ok(resp) => finish(
+            resp.outcome.map(|o| match o {
+                Outcome::Output(out) => Ok(out),
+                Outcome::Error(err) => Err(err),
+            }),
+            super::EXIT_INDETERMINATE,
+        ),
         Err(err) => fail(&err, true),
     }
 }

@@ -140,13 +140,29 @@ fn fail(err: &ClientError, write: bool) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// Prints a module's own error (or a trap) and exits 3: the command was applied with no effect.
-fn module_failed(err: &wraft_proto::client::ModuleError) -> ExitCode {
-    let kind = wraft_proto::client::module_error::Kind::try_from(err.kind)
-        .map(|k| k.as_str_name().to_ascii_lowercase())
-        .unwrap_or_else(|_| format!("kind {}", err.kind));
-    eprintln!("error ({kind}): {}", err.message);
-    ExitCode::from(EXIT_DEFINITE)
+/// Prints what the module answered and picks the exit code: its output (0), or its own error
+/// or a trap (3: applied with no effect). A missing answer exits with `empty_code`.
+fn finish(
+    outcome: Option<Result<Vec<u8>, wraft_proto::client::ModuleError>>,
+    empty_code: u8,
+) -> ExitCode {
+    match outcome {
+        Some(Ok(out)) => {
+            print_output(&out);
+            ExitCode::SUCCESS
+        }
+        Some(Err(err)) => {
+            let kind = wraft_proto::client::module_error::Kind::try_from(err.kind)
+                .map(|k| k.as_str_name().to_ascii_lowercase())
+                .unwrap_or_else(|_| format!("kind {}", err.kind));
+            eprintln!("error ({kind}): {}", err.message);
+            ExitCode::from(EXIT_DEFINITE)
+        }
+        None => {
+            eprintln!("error: the node sent an empty answer");
+            ExitCode::from(empty_code)
+        }
+    }
 }
 
 /// Prints module output: as text when it is UTF-8, else as hex.

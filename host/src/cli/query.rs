@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use wraft_proto::client::query_response::Outcome;
 use wraft_proto::client::Consistency;
 
-use super::{fail, module_failed, print_output, Endpoints};
+use super::{fail, finish, Endpoints};
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]
 enum Level {
@@ -40,17 +40,13 @@ pub async fn run(args: Args) -> ExitCode {
         .query(&args.tenant, args.query.into_bytes(), consistency)
         .await
     {
-        Ok(resp) => match resp.outcome {
-            Some(Outcome::Output(out)) => {
-                print_output(&out);
-                ExitCode::SUCCESS
-            }
-            Some(Outcome::Error(err)) => module_failed(&err),
-            None => {
-                eprintln!("error: the node sent an empty answer");
-                ExitCode::from(super::EXIT_DEFINITE)
-            }
-        },
+        Ok(resp) => finish(
+            resp.outcome.map(|o| match o {
+                Outcome::Output(out) => Ok(out),
+                Outcome::Error(err) => Err(err),
+            }),
+            super::EXIT_DEFINITE,
+        ),
         Err(err) => fail(&err, false),
     }
 }
