@@ -315,7 +315,8 @@ impl Tenant {
 
     /// Runs a read-only query. A trap repairs the instance locally (rebuild up to `applied`).
     pub fn query(&mut self, env: &Env, applied: u64, query: &[u8]) -> OpOutcome {
-        let upto = (applied + 1, 0);
+        // Every op up to and including entry `applied`, and nothing the log does not hold yet.
+        let upto = (applied, u32::MAX);
         match self.live(env, upto) {
             Ok(instance) => match instance.query(query) {
                 Ok(out) => OpOutcome::Output(out),
@@ -332,7 +333,8 @@ impl Tenant {
 
     /// The module's snapshot of the current state.
     pub fn snapshot(&mut self, env: &Env, applied: u64) -> Result<Vec<u8>, CallError> {
-        let upto = (applied + 1, 0);
+        // Every op up to and including entry `applied`, and nothing the log does not hold yet.
+        let upto = (applied, u32::MAX);
         let instance = self.live(env, upto).map_err(|(e, _)| e)?;
         let result = instance.snapshot();
         if matches!(&result, Err(e) if e.poisons_instance()) {

@@ -28,7 +28,13 @@ const TRAPPY: &str = r#"(module
     (i64.store (i32.const 0) (i64.add (i64.load (i32.const 0)) (i64.const 1)))
     (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 116)) (then unreachable))
     (call $counter))
-  (func (export "wraft_query") (param i32 i32) (result i64) (call $counter))
+  (func (export "wraft_query") (param $ptr i32) (param $len i32) (result i64)
+    ;; A hostile query: it changes memory, then traps when the query starts with `t`.
+    (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 116))
+      (then
+        (i64.store (i32.const 0) (i64.const 999))
+        unreachable))
+    (call $counter))
   (func (export "wraft_snapshot") (result i64)
     (i64.store (i32.const 3001) (i64.load (i32.const 0)))
     (i32.store8 (i32.const 3000) (i32.const 0))
@@ -151,19 +157,23 @@ impl Harness {
     }
 
     fn counter(&self) -> u64 {
+        match self.query(b"get") {
+            OpOutcome::Output(bytes) => u64::from_le_bytes(bytes.try_into().unwrap()),
+            other => panic!("query failed: {other:?}"),
+        }
+    }
+
+    fn query(&self, query: &[u8]) -> OpOutcome {
         let (reply, answer) = oneshot::channel();
         self.inbox
             .send(ApplyInput::Query(QueryTask {
                 tenant: "t".into(),
-                query: Vec::new(),
+                query: query.to_vec(),
                 min_index: self.raft.hard_state().commit,
                 reply,
             }))
             .unwrap();
-        match answer.blocking_recv().unwrap().unwrap().outcome {
-            OpOutcome::Output(bytes) => u64::from_le_bytes(bytes.try_into().unwrap()),
-            other => panic!("query failed: {other:?}"),
-        }
+        answer.blocking_recv().unwrap().unwrap().outcome
     }
 
     fn digest(&self) -> String {
@@ -299,5 +309,27 @@ fn sessions_answer_a_retry_without_applying_it_again() {
         "{stale:?}"
     );
     assert_eq!(h.counter(), 2);
+    h.stop();
+}
+
+#[test]
+fn a_trapping_query_is_repaired_locally_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = wat::parse_str(TRAPPY).unwrap();
+    let hash: [u8; 32] = Sha256::digest(&wasm).into();
+    let mut h = start(dir.path());
+    h.commit(vec![op::Kind::Deploy(Deploy {
+        wasm,
+        module_hash: hash.to_vec(),
+    })]);
+    assert_eq!(h.commit(vec![cmd("a")]), vec![output(1)]);
+    assert_eq!(h.commit(vec![cmd("a")]), vec![output(2)]);
+    let digest = h.digest();
+    assert!(is_trap(&h.query(b"t")), "the hostile query traps");
+    // Memory was set to 999 before the trap; the repair rebuilt the state from the checkpoint
+    // and the log, so the next query and the next apply see 2.
+    assert_eq!(h.counter(), 2);
+    assert_eq!(h.digest(), digest);
+    assert_eq!(h.commit(vec![cmd("a")]), vec![output(3)]);
     h.stop();
 }
