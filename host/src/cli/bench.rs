@@ -251,6 +251,7 @@ impl From<String> for Setup {
 }
 
 async fn bench(args: Args) -> Result<ExitCode, Setup> {
+    let tls = args.endpoints.tls().map_err(Setup::Printed)?;
     let endpoints = args.endpoints.endpoints;
     if endpoints.is_empty() {
         return Err(Setup::usage("no endpoints given".to_string()));
@@ -275,6 +276,7 @@ async fn bench(args: Args) -> Result<ExitCode, Setup> {
         let wasm = std::fs::read(file)
             .map_err(|e| Setup::usage(format!("read {}: {e}", file.display())))?;
         let resp = Client::new(endpoints.clone())
+            .with_tls(tls.clone())
             .deploy(&args.tenant, wasm)
             .await
             .map_err(|e| Setup::Printed(fail(&e, true)))?;
@@ -286,7 +288,7 @@ async fn bench(args: Args) -> Result<ExitCode, Setup> {
     let mut channels = Vec::new();
     for i in 0..connections {
         channels.push(
-            connect(&endpoints, i as usize)
+            connect(&endpoints, i as usize, tls.as_ref())
                 .await
                 .map_err(Setup::unreachable)?,
         );
@@ -382,11 +384,15 @@ async fn bench(args: Args) -> Result<ExitCode, Setup> {
 }
 
 /// Opens channel `i` to endpoint `i % n`, or to the next endpoint that answers.
-async fn connect(endpoints: &[String], i: usize) -> Result<WraftClient<Channel>, String> {
+async fn connect(
+    endpoints: &[String],
+    i: usize,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> Result<WraftClient<Channel>, String> {
     let mut errors = Vec::new();
     for k in 0..endpoints.len() {
         let endpoint = &endpoints[(i + k) % endpoints.len()];
-        match Client::connect_one(endpoint, Duration::from_secs(2)).await {
+        match Client::connect_one_tls(endpoint, Duration::from_secs(2), tls).await {
             Ok(c) => return Ok(c),
             Err(e) => errors.push(e),
         }
