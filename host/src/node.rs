@@ -113,12 +113,20 @@ pub async fn run(
         tracing::warn!("{STALE_READS_ENV}=1: linearizable reads are served from local state WITHOUT ReadIndex; for testing the checker only");
     }
 
+    let applied = stage.applied_index();
     let apply_thread = std::thread::Builder::new()
         .name("apply".into())
         .spawn(move || stage.run(apply_rx))
         .context("spawn the apply thread")?;
     let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel::<String>();
-    let raft_loop = RaftLoop::new(raw, raft_rx, apply_tx.clone(), transport, status_tx);
+    let raft_loop = RaftLoop::new(
+        raw,
+        raft_rx,
+        apply_tx.clone(),
+        transport,
+        status_tx,
+        applied,
+    );
     let raft_thread = std::thread::Builder::new()
         .name("raft".into())
         .spawn(move || {

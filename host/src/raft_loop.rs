@@ -9,6 +9,8 @@
 //! Invariant: only this thread touches the `RawNode` and the raft part of storage.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -38,6 +40,8 @@ const READ_RETRY: Duration = Duration::from_millis(300);
 /// How many inbox messages one loop iteration takes before it handles a Ready, so that a flood
 /// of peer messages cannot starve ticks.
 const MAX_DRAIN: usize = 4096;
+/// Committed entries the apply stage may lag behind before the leader stops taking proposals.
+const MAX_APPLY_BACKLOG: u64 = 20_000;
 /// How long a stopping leader waits for its leadership transfer to complete.
 const TRANSFER_ON_STOP: Duration = Duration::from_secs(2);
 
@@ -102,6 +106,11 @@ pub struct RaftLoop {
     /// Set once shutdown is asked for: the loop keeps running until leadership has moved to
     /// another node (so the cluster does not wait out an election) or this deadline passes.
     stopping: Option<Instant>,
+    /// The apply stage's applied index, and the last index handed to it. Their distance is the
+    /// apply backlog; new proposals wait (RESOURCE_EXHAUSTED) while it exceeds
+    /// [`MAX_APPLY_BACKLOG`], so a slow module slows its clients instead of growing memory.
+    applied: Arc<AtomicU64>,
+    handed: u64,
 }
 
 struct PendingRead {
@@ -116,8 +125,10 @@ impl RaftLoop {
         apply: Sender<ApplyInput>,
         transport: Transport,
         status: watch::Sender<RaftStatus>,
+        applied: Arc<AtomicU64>,
     ) -> Self {
         let ids = ProposalIds::new(raw.raft.id);
+        let handed = applied.load(Ordering::Acquire);
         Self {
             raw,
             inbox,
@@ -128,6 +139,8 @@ impl RaftLoop {
             reads: HashMap::new(),
             next_read_ctx: 1,
             stopping: None,
+            applied,
+            handed,
         }
     }
 
@@ -252,6 +265,16 @@ impl RaftLoop {
         if self.stopping.is_some() {
             for p in proposals {
                 let _ = p.reply.send(Err(Error::ShuttingDown));
+            }
+            return;
+        }
+        let backlog = self
+            .handed
+            .saturating_sub(self.applied.load(Ordering::Acquire));
+        if backlog > MAX_APPLY_BACKLOG {
+            METRICS.proposals_dropped.inc_by(proposals.len() as u64);
+            for p in proposals {
+                let _ = p.reply.send(Err(Error::Busy("the apply stage is behind")));
             }
             return;
         }
@@ -467,6 +490,9 @@ impl RaftLoop {
                 }
                 Err(err) => tracing::warn!(index = entry.index, %err, "conf change not applied"),
             }
+        }
+        if let Some(last) = entries.last() {
+            self.handed = last.index;
         }
         let _ = self.apply.send(ApplyInput::Committed(entries));
     }

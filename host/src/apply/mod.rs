@@ -17,6 +17,7 @@ mod tenant;
 mod tests;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crossbeam_channel::Receiver;
@@ -119,6 +120,8 @@ pub struct ApplyStage {
     last_pos: OpPos,
     view: SharedView,
     halted: Option<String>,
+    /// `applied`, readable by the Raft loop without asking: it bounds how far apply may lag.
+    applied_shared: Arc<AtomicU64>,
 }
 
 impl ApplyStage {
@@ -168,6 +171,7 @@ impl ApplyStage {
             last_pos: (raft_applied, 0),
             view,
             halted: None,
+            applied_shared: Arc::new(AtomicU64::new(raft_applied)),
         };
         stage.publish();
         tracing::info!(
@@ -176,6 +180,12 @@ impl ApplyStage {
             "apply stage loaded its checkpoints"
         );
         Ok((stage, raft_applied))
+    }
+
+    /// The applied index, updated as entries apply: the Raft loop reads it to stop taking
+    /// proposals while apply lags too far (backpressure instead of an unbounded queue).
+    pub fn applied_index(&self) -> Arc<AtomicU64> {
+        self.applied_shared.clone()
     }
 
     /// Runs until [`ApplyInput::Shutdown`] or until every sender is gone.
@@ -421,6 +431,7 @@ impl ApplyStage {
 
     fn publish(&self) {
         METRICS.applied_index.set(self.applied as i64);
+        self.applied_shared.store(self.applied, Ordering::Release);
         if let Ok(mut view) = self.view.write() {
             view.applied = self.applied;
             view.halted = self.halted.clone();
