@@ -364,6 +364,7 @@ impl ClientService {
                 op::Kind::Deploy(wlog::Deploy {
                     wasm,
                     module_hash: hash.to_vec(),
+                    engine: crate::wasm::ENGINE.to_string(),
                 }),
             )
             .await?;

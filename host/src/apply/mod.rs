@@ -248,6 +248,25 @@ impl ApplyStage {
                 // Empty entries (a new leader's) and conf changes change no tenant.
                 Vec::new()
             };
+        // A deploy made under another engine: applying it (or anything after it) here could
+        // diverge from the replicas that share the leader's engine. Stop before the entry.
+        if let Some(engine) = ops.iter().find_map(|op| match &op.kind {
+            Some(op::Kind::Deploy(d)) if d.engine != crate::wasm::ENGINE => Some(d.engine.clone()),
+            _ => None,
+        }) {
+            let why = format!(
+                "log entry {index} deploys a module under the Wasm engine `{engine}`, but this node runs `{}`: upgrade this node to the cluster's wraft build",
+                crate::wasm::ENGINE
+            );
+            tracing::error!("{why}; this node stops applying rather than diverge");
+            for (_, waiters) in std::mem::take(&mut self.waiters) {
+                for w in waiters {
+                    let _ = w.reply.send(Err(Error::Internal(why.clone())));
+                }
+            }
+            self.halted = Some(why);
+            return;
+        }
         let mut outcomes = Vec::with_capacity(ops.len());
         for (pos, op) in ops.iter().enumerate() {
             let at = (index, pos as u32);

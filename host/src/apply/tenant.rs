@@ -22,7 +22,7 @@ use wraft_proto::log::{op, Command, Session, StoredError, StoredOutcome, TenantC
 use crate::envelope;
 use crate::metrics::METRICS;
 use crate::storage::StateStore;
-use crate::wasm::{CallError, Instance, Limits, Module, Runtime};
+use crate::wasm::{CallError, Instance, Limits, Module, Runtime, ENGINE};
 
 /// A position in the log: an entry's index and an op's position within it.
 pub type OpPos = (u64, u32);
@@ -206,6 +206,12 @@ impl Tenant {
             tenant: cp.tenant.clone(),
             message,
         };
+        if cp.engine != ENGINE {
+            return Err(broken(format!(
+                "it runs under the Wasm engine `{}` but this node has `{ENGINE}`; every node must run the same wraft build",
+                cp.engine
+            )));
+        }
         let hash = hex::encode(&cp.module_hash);
         let wasm = env
             .store
@@ -385,6 +391,7 @@ impl Tenant {
             snapshot: snapshot.unwrap_or_default(),
             sessions: self.sessions_to_proto(),
             last_index: self.last_index,
+            engine: ENGINE.to_string(),
         };
         let hash = self.module.hash_hex();
         env.store.put_checkpoint(

@@ -136,6 +136,58 @@ impl Harness {
             .collect()
     }
 
+    /// Like [`Harness::commit`], but returns what each waiter got, errors included.
+    fn commit_raw(&mut self, ops: Vec<op::Kind>) -> Vec<Result<Applied, Error>> {
+        let index = self.raft.hard_state().commit + 1;
+        let ops: Vec<Op> = ops
+            .into_iter()
+            .map(|kind| Op {
+                id: Some(self.ids.next_id()),
+                tenant: "t".into(),
+                kind: Some(kind),
+                request_id: String::new(),
+            })
+            .collect();
+        let data = crate::envelope::encode(&LogEntry {
+            version: ENVELOPE_VERSION,
+            timestamp_ms: 0,
+            ops: ops.clone(),
+        });
+        let entry = Entry {
+            index,
+            term: 1,
+            data: data.into(),
+            ..Default::default()
+        };
+        let mut hs = self.raft.hard_state();
+        hs.commit = index;
+        hs.term = 1;
+        self.raft
+            .append(std::slice::from_ref(&entry), Some(&hs), true)
+            .unwrap();
+        let mut answers = Vec::new();
+        let waiters = ops
+            .iter()
+            .enumerate()
+            .map(|(position, op)| {
+                let (reply, answer) = oneshot::channel();
+                answers.push(answer);
+                Waiter {
+                    index,
+                    position: position as u32,
+                    id: op.id.unwrap(),
+                    reply,
+                }
+            })
+            .collect();
+        self.inbox.send(ApplyInput::Track(waiters)).unwrap();
+        self.inbox.send(ApplyInput::Committed(vec![entry])).unwrap();
+        answers
+            .into_iter()
+            .map(|a| a.blocking_recv().unwrap())
+            .collect()
+    }
+
     /// Hands the stage the committed log after its replay point, as raft does on restart.
     fn replay(&self) {
         let commit = self.raft.hard_state().commit;
@@ -230,6 +282,7 @@ fn a_trap_leaves_no_trace_now_and_after_replay() {
     let deployed = h.commit(vec![op::Kind::Deploy(Deploy {
         wasm: wasm.clone(),
         module_hash: hash.to_vec(),
+        engine: crate::wasm::ENGINE.to_string(),
     })]);
     assert_eq!(
         deployed,
@@ -282,6 +335,7 @@ fn sessions_answer_a_retry_without_applying_it_again() {
     h.commit(vec![op::Kind::Deploy(Deploy {
         wasm,
         module_hash: hash.to_vec(),
+        engine: crate::wasm::ENGINE.to_string(),
     })]);
     let with_session = |seq: u64| {
         op::Kind::Command(Command {
@@ -321,6 +375,7 @@ fn a_trapping_query_is_repaired_locally_and_changes_nothing() {
     h.commit(vec![op::Kind::Deploy(Deploy {
         wasm,
         module_hash: hash.to_vec(),
+        engine: crate::wasm::ENGINE.to_string(),
     })]);
     assert_eq!(h.commit(vec![cmd("a")]), vec![output(1)]);
     assert_eq!(h.commit(vec![cmd("a")]), vec![output(2)]);
@@ -332,4 +387,63 @@ fn a_trapping_query_is_repaired_locally_and_changes_nothing() {
     assert_eq!(h.digest(), digest);
     assert_eq!(h.commit(vec![cmd("a")]), vec![output(3)]);
     h.stop();
+}
+
+#[test]
+fn a_deploy_from_another_engine_stops_this_replica_rather_than_diverge() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = wat::parse_str(TRAPPY).unwrap();
+    let hash: [u8; 32] = Sha256::digest(&wasm).into();
+    let mut h = start(dir.path());
+    let answers = h.commit_raw(vec![op::Kind::Deploy(Deploy {
+        wasm: wasm.clone(),
+        module_hash: hash.to_vec(),
+        engine: "wasmtime 1.0.0; some other accounting".into(),
+    })]);
+    match &answers[0] {
+        Err(Error::Internal(why)) => assert!(why.contains("Wasm engine"), "{why}"),
+        other => panic!("expected the replica to refuse, got {other:?}"),
+    }
+    h.stop();
+}
+
+#[test]
+fn a_checkpoint_from_another_engine_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = wat::parse_str(TRAPPY).unwrap();
+    let hash: [u8; 32] = Sha256::digest(&wasm).into();
+    let mut h = start(dir.path());
+    h.commit(vec![op::Kind::Deploy(Deploy {
+        wasm,
+        module_hash: hash.to_vec(),
+        engine: crate::wasm::ENGINE.to_string(),
+    })]);
+    h.stop();
+    // Rewrite the stored checkpoint as if another build had written it.
+    let (_raft, state) = storage::open(
+        dir.path(),
+        NodeIdentity {
+            cluster_id: 7,
+            node_id: 1,
+        },
+        &[1],
+    )
+    .unwrap();
+    let mut cp =
+        TenantCheckpoint::decode(state.checkpoint("t").unwrap().unwrap().as_slice()).unwrap();
+    cp.engine = "wasmtime 99.0.0".into();
+    state
+        .put_checkpoint("t", &cp.encode_to_vec(), None)
+        .unwrap();
+    let refused = ApplyStage::open(
+        Runtime::new().unwrap(),
+        Limits::default(),
+        state,
+        Arc::new(Mutex::new(Default::default())),
+        Arc::new(RwLock::new(AppliedView::default())),
+    );
+    match refused {
+        Err(err) => assert!(err.to_string().contains("wasmtime 99.0.0"), "{err}"),
+        Ok(_) => panic!("a checkpoint from another engine must not load"),
+    }
 }

@@ -60,6 +60,12 @@ mod instance;
 mod tests;
 
 pub use engine::{Module, Runtime};
+
+/// The engine every replica of a tenant must run: fuel accounting and trap behaviour may change
+/// between wasmtime releases, so this is recorded with every deploy and checkpoint and a node
+/// with another engine refuses to apply (see the apply stage). Change it whenever the wasmtime
+/// pin or the engine configuration changes (a test checks the pin).
+pub const ENGINE: &str = "wasmtime 48.0.8; fuel; nan-canonical; abi v1";
 pub use instance::Instance;
 
 /// Replicated limits (later they become per-tenant replicated config; keep them a plain struct).

@@ -488,3 +488,20 @@ fn real_counter_plugin() {
         matches!(counter.apply(max.as_bytes()), Err(CallError::Rejected(m)) if m.contains("overflow"))
     );
 }
+
+#[test]
+fn engine_names_the_pinned_wasmtime() {
+    // ENGINE must change with the wasmtime pin: replicas compare it to refuse mixed engines.
+    let manifest =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml")).unwrap();
+    let pin = manifest
+        .lines()
+        .find(|l| l.starts_with("wasmtime ="))
+        .and_then(|l| l.split("\"=").nth(1))
+        .and_then(|v| v.split('"').next())
+        .expect("the workspace pins wasmtime with an exact version");
+    assert!(
+        ENGINE.contains(&format!("wasmtime {pin};")),
+        "ENGINE {ENGINE:?} does not name the pinned wasmtime {pin}"
+    );
+}
