@@ -497,10 +497,12 @@ impl ClientService {
                 v.applied,
                 v.tenants
                     .iter()
-                    .map(|(name, (hash, index))| TenantStatus {
+                    .map(|(name, t)| TenantStatus {
                         name: name.clone(),
-                        module_hash: hash.clone(),
-                        applied_index: *index,
+                        module_hash: t.module_hash.clone(),
+                        applied_index: t.last_index,
+                        version: t.version,
+                        state_bytes: t.memory_bytes,
                     })
                     .collect(),
             ),

@@ -94,10 +94,20 @@ pub struct DigestInfo {
 pub struct AppliedView {
     pub applied: u64,
     /// Per tenant: module hash (hex) and the index of the last entry that changed it.
-    pub tenants: BTreeMap<String, (String, u64)>,
+    pub tenants: BTreeMap<String, TenantView>,
     /// Set when the stage stopped applying (an entry it cannot read): the node must be upgraded
     /// or repaired; it will not diverge silently.
     pub halted: Option<String>,
+}
+
+/// One tenant as the status API shows it.
+#[derive(Debug, Clone, Default)]
+pub struct TenantView {
+    pub module_hash: String,
+    /// The index of the last entry that changed the tenant.
+    pub last_index: u64,
+    pub version: u64,
+    pub memory_bytes: u64,
 }
 
 pub type SharedView = Arc<RwLock<AppliedView>>;
@@ -457,7 +467,15 @@ impl ApplyStage {
             view.tenants = self
                 .tenants
                 .iter()
-                .map(|(name, t)| (name.clone(), (t.module_hash_hex(), t.last_index())))
+                .map(|(name, t)| {
+                    let view = TenantView {
+                        module_hash: t.module_hash_hex(),
+                        last_index: t.last_index(),
+                        version: t.version(),
+                        memory_bytes: t.memory_bytes(),
+                    };
+                    (name.clone(), view)
+                })
                 .collect();
         }
     }

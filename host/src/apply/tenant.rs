@@ -118,6 +118,8 @@ pub struct Tenant {
     /// The index of the last entry that changed this tenant.
     last_index: u64,
     ops_since_checkpoint: u64,
+    /// 1 at the first deploy, +1 at every successful upgrade.
+    version: u64,
 }
 
 /// Ops of one tenant applied between checkpoints. Bounds replay after a trap or a restart.
@@ -144,6 +146,7 @@ impl Tenant {
             checkpoint: at,
             last_index: at.0,
             ops_since_checkpoint: 0,
+            version: 1,
         };
         tenant
             .write_checkpoint(env, at, None, Some(wasm))
@@ -192,6 +195,7 @@ impl Tenant {
             };
         }
         self.module = module;
+        self.version += 1;
         self.instance = Some(next);
         self.last_index = at.0;
         if let Err(err) = self.write_checkpoint(env, at, Some(snapshot), Some(wasm)) {
@@ -239,11 +243,21 @@ impl Tenant {
             checkpoint: (cp.index, cp.position),
             last_index: cp.last_index,
             ops_since_checkpoint: 0,
+            version: cp.version,
         })
     }
 
     pub fn module_hash_hex(&self) -> String {
         self.module.hash_hex()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The live instance's memory size (0 while it waits to be rebuilt after a trap).
+    pub fn memory_bytes(&self) -> u64 {
+        self.instance.as_ref().map_or(0, Instance::memory_bytes)
     }
 
     pub fn last_index(&self) -> u64 {
@@ -392,6 +406,7 @@ impl Tenant {
             sessions: self.sessions_to_proto(),
             last_index: self.last_index,
             engine: ENGINE.to_string(),
+            version: self.version,
         };
         let hash = self.module.hash_hex();
         env.store.put_checkpoint(

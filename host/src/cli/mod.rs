@@ -11,6 +11,7 @@ mod exec;
 mod query;
 mod serve;
 mod status;
+mod tenants;
 
 use std::process::ExitCode;
 
@@ -85,6 +86,8 @@ enum Command {
     Status(status::Args),
     /// Show each endpoint's hash of a tenant's state, to compare replicas.
     Digest(digest::Args),
+    /// List the tenants: module hash, version and state size.
+    Tenants(tenants::Args),
     /// Load a kv tenant with puts and gets; prints throughput and latency percentiles.
     Bench(bench::Args),
 }
@@ -113,6 +116,7 @@ pub fn main() -> ExitCode {
             Command::Query(args) => query::run(args).await,
             Command::Status(args) => status::run(args).await,
             Command::Digest(args) => digest::run(args).await,
+            Command::Tenants(args) => tenants::run(args).await,
             Command::Bench(args) => bench::run(args).await,
         }
     })
