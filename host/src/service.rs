@@ -146,13 +146,10 @@ impl ClientService {
     }
 
     /// Builds the forwarded request: marked, and bounded by our own timeout plus slack.
-    fn forward_request<T>(&self, body: T, request_id: &str) -> Request<T> {
+    fn forward_request<T>(&self, method: &'static str, body: T, request_id: &str) -> Request<T> {
         crate::metrics::METRICS
             .forwarded
-            .with_label_values(&[std::any::type_name::<T>()
-                .rsplit("::")
-                .next()
-                .unwrap_or("request")])
+            .with_label_values(&[method])
             .inc();
         let mut req = Request::new(body);
         req.metadata_mut().insert(
@@ -335,7 +332,7 @@ impl ClientService {
         match self.route(forwarded).await? {
             Route::Forward(leader, mut client) => {
                 return client
-                    .deploy(self.forward_request(req, &rid))
+                    .deploy(self.forward_request("deploy", req, &rid))
                     .await
                     .map_err(|s| self.forward_failed(leader, s, true));
             }
@@ -390,7 +387,7 @@ impl ClientService {
         match self.route(forwarded).await? {
             Route::Forward(leader, mut client) => {
                 return client
-                    .exec(self.forward_request(req, &rid))
+                    .exec(self.forward_request("exec", req, &rid))
                     .await
                     .map_err(|s| self.forward_failed(leader, s, true));
             }
@@ -443,7 +440,7 @@ impl ClientService {
             Ok(Consistency::Linearizable) => match self.route(forwarded).await? {
                 Route::Forward(leader, mut client) => {
                     return client
-                        .query(self.forward_request(req, &rid))
+                        .query(self.forward_request("query", req, &rid))
                         .await
                         .map_err(|s| self.forward_failed(leader, s, false));
                 }
