@@ -185,6 +185,15 @@ impl Client {
             .map_err(|s| self.status_error(s))
     }
 
+    /// Moves leadership (`to` 0: to the most caught-up voter); answers once it has moved.
+    pub async fn transfer_leader(&self, to: u64) -> Result<TransferLeaderResponse, ClientError> {
+        let mut c = self.connect().await?;
+        c.transfer_leader(self.request(TransferLeaderRequest { to }))
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.status_error(s))
+    }
+
     pub async fn query(
         &self,
         tenant: &str,

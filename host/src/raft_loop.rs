@@ -55,6 +55,12 @@ pub enum RaftInput {
     Peer(Message),
     /// The transport lost its connection to this peer.
     Unreachable(u64),
+    /// On the leader: hand leadership to this voter (0: the most caught-up one). Answers with
+    /// the chosen voter once the transfer has started.
+    TransferLeader {
+        to: u64,
+        reply: oneshot::Sender<Result<u64, Error>>,
+    },
     /// On the leader: each other member's replication progress (empty elsewhere).
     Progress(oneshot::Sender<Vec<wraft_proto::client::FollowerProgress>>),
     /// Stop the loop.
@@ -165,6 +171,9 @@ impl RaftLoop {
                             RaftInput::ReadIndex(r) => reads.push(r),
                             RaftInput::Peer(m) => self.step(m),
                             RaftInput::Unreachable(id) => self.raw.report_unreachable(id),
+                            RaftInput::TransferLeader { to, reply } => {
+                                let _ = reply.send(self.transfer_leader(to));
+                            }
                             RaftInput::Progress(reply) => {
                                 let _ = reply.send(self.progress());
                             }
@@ -211,22 +220,51 @@ impl RaftLoop {
         if self.raw.raft.state != StateRole::Leader {
             return;
         }
-        let me = self.raw.raft.id;
-        let target = self
-            .raw
-            .raft
-            .prs()
-            .iter()
-            .filter(|(id, _)| **id != me && self.raw.raft.prs().conf().voters().contains(**id))
-            .max_by_key(|(_, pr)| pr.matched)
-            .map(|(id, _)| *id);
-        match target {
+        match self.most_caught_up_voter() {
             Some(id) => {
                 tracing::info!(to = id, "stopping: transferring leadership");
                 self.raw.transfer_leader(id);
             }
             None => tracing::info!("stopping: no other voter to transfer leadership to"),
         }
+    }
+
+    /// The voter other than this node with the longest replicated log.
+    fn most_caught_up_voter(&self) -> Option<u64> {
+        let me = self.raw.raft.id;
+        let prs = self.raw.raft.prs();
+        prs.iter()
+            .filter(|(id, _)| **id != me && prs.conf().voters().contains(**id))
+            .max_by_key(|(_, pr)| pr.matched)
+            .map(|(id, _)| *id)
+    }
+
+    fn transfer_leader(&mut self, to: u64) -> Result<u64, Error> {
+        if self.raw.raft.state != StateRole::Leader {
+            return Err(Error::NotLeader {
+                leader: self.raw.raft.leader_id,
+            });
+        }
+        let target = if to == 0 {
+            self.most_caught_up_voter().ok_or_else(|| {
+                Error::FailedPrecondition("there is no other voter to lead".into())
+            })?
+        } else {
+            to
+        };
+        if target == self.raw.raft.id {
+            return Err(Error::InvalidArgument(format!(
+                "node {target} already leads"
+            )));
+        }
+        if !self.raw.raft.prs().conf().voters().contains(target) {
+            return Err(Error::InvalidArgument(format!(
+                "node {target} is not a voter of this cluster"
+            )));
+        }
+        tracing::info!(to = target, "transferring leadership on request");
+        self.raw.transfer_leader(target);
+        Ok(target)
     }
 
     fn progress(&self) -> Vec<wraft_proto::client::FollowerProgress> {

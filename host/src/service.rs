@@ -538,6 +538,57 @@ impl ClientService {
         }))
     }
 
+    async fn transfer_leader_inner(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let rid = request_id_of(&request);
+        let req = request.into_inner();
+        match self.route(forwarded).await? {
+            Route::Forward(leader, mut client) => {
+                return client
+                    .transfer_leader(self.forward_request("transfer_leader", req, &rid))
+                    .await
+                    .map_err(|s| self.forward_failed(leader, s, false));
+            }
+            Route::Local => {}
+        }
+        let (reply, answer) = oneshot::channel();
+        self.ctx
+            .raft
+            .try_send(RaftInput::TransferLeader { to: req.to, reply })
+            .map_err(|_| Error::Busy("the raft inbox is full"))?;
+        let deadline = Instant::now() + self.ctx.request_timeout;
+        let target = match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(result)) => result?,
+            Ok(Err(_)) => return Err(Error::ShuttingDown.into()),
+            Err(_) => return Err(Error::ReadTimeout(self.ctx.request_timeout).into()),
+        };
+        // Answer once the target leads: a client that acts on the answer must find it leading.
+        let mut status = self.ctx.raft_status.clone();
+        loop {
+            let (leader, term) = {
+                let s = status.borrow_and_update();
+                (s.leader, s.term)
+            };
+            if leader == target {
+                return Ok(Response::new(TransferLeaderResponse { leader, term }));
+            }
+            match tokio::time::timeout_at(deadline, status.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return Err(Error::ShuttingDown.into()),
+                Err(_) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "leadership did not move to node {target} within {:?} (leader now: {leader}); retry",
+                        self.ctx.request_timeout
+                    ))
+                    .into())
+                }
+            }
+        }
+    }
+
     async fn digest_inner(
         &self,
         request: Request<DigestRequest>,
@@ -622,6 +673,18 @@ impl Wraft for ClientService {
         let span = tracing::info_span!("request", method = "digest", request_id = %id);
         let result = self.digest_inner(request).instrument(span).await;
         crate::metrics::observe_grpc("digest", started, &result);
+        result
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let started = std::time::Instant::now();
+        let (request, id) = ensure_request_id(request);
+        let span = tracing::info_span!("request", method = "transfer_leader", request_id = %id);
+        let result = self.transfer_leader_inner(request).instrument(span).await;
+        crate::metrics::observe_grpc("transfer_leader", started, &result);
         result
     }
 }

@@ -558,3 +558,62 @@ async fn tenants_lists_modules_versions_and_state_and_an_upgrade_keeps_the_state
     read.expect_code(0, "query after the upgrade");
     assert_eq!(read.stdout.trim(), r#"{"value":"1"}"#);
 }
+
+#[tokio::test]
+async fn leader_transfer_moves_leadership_and_refuses_a_non_voter() {
+    let nodes = Nodes::start(3);
+    let leader = nodes.leader().await;
+    let others: Vec<u64> = nodes
+        .ports
+        .keys()
+        .copied()
+        .filter(|id| *id != leader)
+        .collect();
+    let (via, target) = (others[0], others[1]);
+    let via_endpoint = format!("127.0.0.1:{}", nodes.ports[&via].0);
+    // Asked through a follower, which forwards to the leader.
+    let out = wraft_tests::run_cli(
+        &[
+            "leader",
+            "transfer",
+            "--endpoints",
+            &via_endpoint,
+            "--to",
+            &target.to_string(),
+        ],
+        &[],
+    )
+    .await;
+    out.expect_code(0, "leader transfer --to");
+    assert!(
+        out.stdout.starts_with(&format!("leader {target} ")),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        nodes.leader().await,
+        target,
+        "every node follows the new leader"
+    );
+
+    // Without --to, leadership moves to some other voter.
+    let out =
+        wraft_tests::run_cli(&["leader", "transfer", "--endpoints", &via_endpoint], &[]).await;
+    out.expect_code(0, "leader transfer");
+    assert_ne!(nodes.leader().await, target);
+
+    let out = wraft_tests::run_cli(
+        &[
+            "leader",
+            "transfer",
+            "--endpoints",
+            &via_endpoint,
+            "--to",
+            "99",
+        ],
+        &[],
+    )
+    .await;
+    out.expect_code(3, "a transfer to a non-member");
+    assert!(out.stderr.contains("not a voter"), "{}", out.stderr);
+}

@@ -8,6 +8,7 @@ mod certs;
 mod config;
 mod digest;
 mod exec;
+mod leader;
 mod query;
 mod serve;
 mod status;
@@ -88,6 +89,9 @@ enum Command {
     Digest(digest::Args),
     /// List the tenants: module hash, version and state size.
     Tenants(tenants::Args),
+    /// Leadership: `wraft leader transfer [--to N]`.
+    #[command(subcommand)]
+    Leader(leader::Command),
     /// Load a kv tenant with puts and gets; prints throughput and latency percentiles.
     Bench(bench::Args),
 }
@@ -117,6 +121,7 @@ pub fn main() -> ExitCode {
             Command::Status(args) => status::run(args).await,
             Command::Digest(args) => digest::run(args).await,
             Command::Tenants(args) => tenants::run(args).await,
+            Command::Leader(command) => leader::run(command).await,
             Command::Bench(args) => bench::run(args).await,
         }
     })
