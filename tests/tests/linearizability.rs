@@ -22,7 +22,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use wraft_tests::api::{Consistency, QueryRequest, Role};
+use wraft_tests::api::{Consistency, QueryRequest, Role, TransferLeaderRequest};
 use wraft_tests::cluster::{exec_request, Client, ClusterOptions};
 use wraft_tests::history::{History, Invocation};
 use wraft_tests::linearizability::{check, CheckError, Op, Outcome, Ret};
@@ -281,6 +281,8 @@ enum Fault {
     Blackhole(NodeId),
     Delay(NodeId, Duration),
     Flaky(NodeId),
+    /// Leadership is moved on purpose (`TransferLeader`, asked through this node).
+    TransferLeader(NodeId),
 }
 
 /// The current leader as far as a quick look tells (`None` if unclear).
@@ -322,6 +324,14 @@ async fn inject(cluster: &Cluster, fault: &Fault) {
                 net.link(other, id).flaky(true);
             }
         }
+        Fault::TransferLeader(via) => {
+            // Under other faults a transfer may not complete; the fault is the attempt.
+            let mut request = tonic::Request::new(TransferLeaderRequest { to: 0 });
+            request.set_timeout(CALL_TIMEOUT);
+            let _ =
+                tokio::time::timeout(CALL_BACKSTOP, cluster.client(via).transfer_leader(request))
+                    .await;
+        }
     }
 }
 
@@ -336,7 +346,7 @@ async fn undo(cluster: &Cluster, fault: &Fault) {
 async fn pick_fault(cluster: &Cluster, rng: &mut StdRng) -> Fault {
     let ids = cluster.ids();
     let node = ids[rng.random_range(0..ids.len())];
-    match rng.random_range(0..8) {
+    match rng.random_range(0..9) {
         0 => Fault::Kill(node),
         1 => Fault::Pause(node),
         2 => Fault::Isolate(node),
@@ -353,7 +363,8 @@ async fn pick_fault(cluster: &Cluster, rng: &mut StdRng) -> Fault {
         },
         5 => Fault::Blackhole(node),
         6 => Fault::Delay(node, Duration::from_millis(rng.random_range(20..250))),
-        _ => Fault::Flaky(node),
+        7 => Fault::Flaky(node),
+        _ => Fault::TransferLeader(node),
     }
 }
 
