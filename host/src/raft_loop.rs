@@ -288,6 +288,21 @@ impl RaftLoop {
     }
 
     fn step(&mut self, msg: Message) {
+        // raft-rs panics (`commit_to`) on a heartbeat that commits past our last index. A leader
+        // never sends one (it caps the commit at what we acknowledged, which we had synced), so
+        // such a message is corrupt or hostile: drop it rather than crash. This check needs our
+        // log, which is why it is here and not in `transport::validate`.
+        if msg.get_msg_type() == raft::eraftpb::MessageType::MsgHeartbeat
+            && msg.commit > self.raw.raft.raft_log.last_index()
+        {
+            tracing::warn!(
+                from = msg.from,
+                commit = msg.commit,
+                last_index = self.raw.raft.raft_log.last_index(),
+                "dropping a heartbeat that commits past this node's log"
+            );
+            return;
+        }
         if let Err(err) = self.raw.step(msg) {
             tracing::debug!(%err, "raft rejected a peer message");
         }
