@@ -127,9 +127,15 @@ impl Client {
     /// A failed call's status. A plain-text client talking to a TLS node sees only an HTTP/2
     /// protocol error (the node answered with a TLS alert), so that case gets a hint.
     fn status_error(&self, status: tonic::Status) -> ClientError {
+        // A plain-text client talking to a TLS node sees the connection fail in several ways
+        // (an h2 protocol error, a cancelled call), never with a wraft node's own answer, which
+        // always carries `wraft-outcome`.
         let plain_to_tls = self.tls.is_none()
-            && status.code() == tonic::Code::Internal
-            && status.message().contains("h2 protocol error");
+            && Outcome::of_status(&status).is_none()
+            && matches!(
+                status.code(),
+                tonic::Code::Internal | tonic::Code::Cancelled | tonic::Code::Unknown
+            );
         if !plain_to_tls {
             return ClientError::Status(status);
         }
