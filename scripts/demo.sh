@@ -11,9 +11,17 @@ E=127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003
 peers=1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003
 
 stop() {
+  local pids=()
   for i in 1 2 3; do
-    [ -f "$dir/n$i.pid" ] && kill "$(cat "$dir/n$i.pid")" 2>/dev/null || true
-    rm -f "$dir/n$i.pid"
+    if [ -f "$dir/n$i.pid" ]; then
+      pid=$(cat "$dir/n$i.pid")
+      kill "$pid" 2>/dev/null && pids+=("$pid")
+      rm -f "$dir/n$i.pid"
+    fi
+  done
+  # SIGTERM is a clean stop (leadership handover, checkpoint, flush): wait for it, bounded.
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   done
 }
 if [ "${1:-}" = stop ]; then stop; exit 0; fi
