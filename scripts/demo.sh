@@ -33,6 +33,8 @@ bash scripts/build-plugins.sh >/dev/null
 kv="$target/wasm32-unknown-unknown/release/kv.wasm"
 
 stop
+# A demo starts from scratch: data left by an earlier run (perhaps of another build) goes.
+rm -rf "$dir"/n1 "$dir"/n2 "$dir"/n3
 mkdir -p "$dir"
 echo "== starting 3 nodes (logs in $dir/n*.log)"
 for i in 1 2 3; do

@@ -163,7 +163,7 @@ impl ApplyStage {
                     tenants.insert(name, t);
                 }
                 Err(err) => {
-                    return Err(crate::storage::StorageError::Corrupt(err.to_string()));
+                    return Err(crate::storage::StorageError::Unloadable(err.to_string()));
                 }
             }
         }

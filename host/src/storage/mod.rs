@@ -68,6 +68,9 @@ pub enum StorageError {
     Rocks(#[from] rocksdb::Error),
     #[error("corrupt node database: {0}")]
     Corrupt(String),
+    /// Stored state this build cannot use (e.g. written under another Wasm engine).
+    #[error("cannot load the node's state: {0}")]
+    Unloadable(String),
     #[error(
         "data directory {dir} belongs to cluster {stored_cluster:#x} node {stored_node}, but this \
          node was started as cluster {cluster:#x} node {node}: refusing to start"
