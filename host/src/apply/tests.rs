@@ -86,53 +86,9 @@ impl Harness {
     /// Appends an entry with `ops` to the log (as the raft loop would), commits it to the stage
     /// and returns each op's outcome.
     fn commit(&mut self, ops: Vec<op::Kind>) -> Vec<OpOutcome> {
-        let index = self.raft.hard_state().commit + 1;
-        let ops: Vec<Op> = ops
+        self.commit_raw(ops)
             .into_iter()
-            .map(|kind| Op {
-                id: Some(self.ids.next_id()),
-                tenant: "t".into(),
-                kind: Some(kind),
-                request_id: String::new(),
-            })
-            .collect();
-        let data = crate::envelope::encode(&LogEntry {
-            version: ENVELOPE_VERSION,
-            timestamp_ms: 0,
-            ops: ops.clone(),
-        });
-        let entry = Entry {
-            index,
-            term: 1,
-            data: data.into(),
-            ..Default::default()
-        };
-        let mut hs = self.raft.hard_state();
-        hs.commit = index;
-        hs.term = 1;
-        self.raft
-            .append(std::slice::from_ref(&entry), Some(&hs), true)
-            .unwrap();
-        let mut answers = Vec::new();
-        let waiters = ops
-            .iter()
-            .enumerate()
-            .map(|(position, op)| {
-                let (reply, answer) = oneshot::channel();
-                answers.push(answer);
-                Waiter {
-                    index,
-                    position: position as u32,
-                    id: op.id.unwrap(),
-                    reply,
-                }
-            })
-            .collect();
-        self.inbox.send(ApplyInput::Track(waiters)).unwrap();
-        self.inbox.send(ApplyInput::Committed(vec![entry])).unwrap();
-        answers
-            .into_iter()
-            .map(|a| a.blocking_recv().unwrap().unwrap().outcome)
+            .map(|answer| answer.unwrap().outcome)
             .collect()
     }
 
