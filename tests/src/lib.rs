@@ -17,6 +17,7 @@
 
 pub mod cli;
 pub mod cluster;
+pub mod faults;
 pub mod history;
 pub mod invariants;
 pub mod linearizability;

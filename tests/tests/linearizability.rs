@@ -22,8 +22,9 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use wraft_tests::api::{Consistency, QueryRequest, Role, TransferLeaderRequest};
+use wraft_tests::api::{Consistency, QueryRequest};
 use wraft_tests::cluster::{exec_request, Client, ClusterOptions};
+use wraft_tests::faults;
 use wraft_tests::history::{History, Invocation};
 use wraft_tests::linearizability::{check, CheckError, Op, Outcome, Ret};
 use wraft_tests::{wait_until, within, Cluster, ExecOutcome, NodeId, QueryOutcome};
@@ -269,105 +270,6 @@ async fn client_loop(
     n
 }
 
-/// A fault the scheduler injects and later undoes.
-#[derive(Debug, Clone)]
-enum Fault {
-    Kill(NodeId),
-    Pause(NodeId),
-    Isolate(NodeId),
-    IsolateLeader(NodeId),
-    /// The leader loses its link (both ways) to one follower only.
-    CutLeaderFrom(NodeId, NodeId),
-    Blackhole(NodeId),
-    Delay(NodeId, Duration),
-    Flaky(NodeId),
-    /// Leadership is moved on purpose (`TransferLeader`, asked through this node).
-    TransferLeader(NodeId),
-}
-
-/// The current leader as far as a quick look tells (`None` if unclear).
-async fn current_leader(cluster: &Cluster) -> Option<NodeId> {
-    for id in cluster.live_ids() {
-        if cluster.is_paused(id) {
-            continue;
-        }
-        if let Ok(s) = cluster.status(id).await {
-            if s.role == Role::Leader as i32 {
-                return Some(s.node_id);
-            }
-        }
-    }
-    None
-}
-
-async fn inject(cluster: &Cluster, fault: &Fault) {
-    let net = cluster.net();
-    match *fault {
-        Fault::Kill(id) => {
-            assert!(
-                cluster.is_running(id),
-                "node {id} exited on its own before the scheduler killed it"
-            );
-            cluster.kill(id).await;
-        }
-        Fault::Pause(id) => cluster.pause(id),
-        Fault::Isolate(id) | Fault::IsolateLeader(id) => net.isolate(id),
-        Fault::CutLeaderFrom(leader, follower) => net.partition(&[leader], &[follower]),
-        Fault::Blackhole(id) => {
-            let others: Vec<NodeId> = cluster.ids().into_iter().filter(|&o| o != id).collect();
-            net.blackhole(&[id], &others);
-        }
-        Fault::Delay(id, d) => net.delay_node(id, d),
-        Fault::Flaky(id) => {
-            for other in cluster.ids().into_iter().filter(|&o| o != id) {
-                net.link(id, other).flaky(true);
-                net.link(other, id).flaky(true);
-            }
-        }
-        Fault::TransferLeader(via) => {
-            // Under other faults a transfer may not complete; the fault is the attempt.
-            let mut request = tonic::Request::new(TransferLeaderRequest { to: 0 });
-            request.set_timeout(CALL_TIMEOUT);
-            let _ =
-                tokio::time::timeout(CALL_BACKSTOP, cluster.client(via).transfer_leader(request))
-                    .await;
-        }
-    }
-}
-
-async fn undo(cluster: &Cluster, fault: &Fault) {
-    match *fault {
-        Fault::Kill(id) => cluster.restart(id),
-        Fault::Pause(id) => cluster.resume(id),
-        _ => cluster.net().heal_all(),
-    }
-}
-
-async fn pick_fault(cluster: &Cluster, rng: &mut StdRng) -> Fault {
-    let ids = cluster.ids();
-    let node = ids[rng.random_range(0..ids.len())];
-    match rng.random_range(0..9) {
-        0 => Fault::Kill(node),
-        1 => Fault::Pause(node),
-        2 => Fault::Isolate(node),
-        3 => match current_leader(cluster).await {
-            Some(leader) => Fault::IsolateLeader(leader),
-            None => Fault::Isolate(node),
-        },
-        4 => match current_leader(cluster).await {
-            Some(leader) => {
-                let followers: Vec<NodeId> = ids.into_iter().filter(|&o| o != leader).collect();
-                Fault::CutLeaderFrom(leader, followers[rng.random_range(0..followers.len())])
-            }
-            None => Fault::Isolate(node),
-        },
-        5 => Fault::Blackhole(node),
-        6 => Fault::Delay(node, Duration::from_millis(rng.random_range(20..250))),
-        7 => Fault::Flaky(node),
-        _ => Fault::TransferLeader(node),
-    }
-}
-
 /// Waits until a LINEARIZABLE read of `key` through `node` succeeds, recording every attempt.
 async fn final_read(history: &History, cluster: &Cluster, process: u64, node: NodeId, key: &str) {
     let client = cluster.client(node);
@@ -425,12 +327,12 @@ async fn register_linearizable_under_faults() {
         if Instant::now() >= phase_end {
             break;
         }
-        let fault = pick_fault(&cluster, &mut rng).await;
+        let fault = faults::pick(&cluster, &mut rng, 1).await;
         history.fault(format!("start {fault:?}"));
-        inject(&cluster, &fault).await;
+        faults::inject(&cluster, &fault).await;
         injected += 1;
         tokio::time::sleep(Duration::from_millis(rng.random_range(800..1800))).await;
-        undo(&cluster, &fault).await;
+        faults::undo(&cluster, &fault);
         history.fault(format!("end {fault:?}"));
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..800))).await;
     }
