@@ -127,3 +127,35 @@ pub fn undo(cluster: &Cluster, fault: &Fault) {
         _ => cluster.net().heal_all(),
     }
 }
+
+/// Injects seeded faults one at a time for `phase`: each is held for 0.8-1.8 s, undone, then
+/// the cluster gets 0.2-0.8 s of calm. `record` hears "start ..." and "end ..." for every fault
+/// (for the history or journal). Returns how many faults were injected. The sleeps here are the
+/// faults' durations, not waits for a condition. Bounded by count too, in case injections return
+/// at once.
+pub async fn run(
+    cluster: &Cluster,
+    seed: u64,
+    phase: Duration,
+    kill_weight: u32,
+    mut record: impl FnMut(String),
+) -> usize {
+    use rand::SeedableRng;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let phase_end = tokio::time::Instant::now() + phase;
+    let mut injected = 0usize;
+    for _ in 0..256 {
+        if tokio::time::Instant::now() >= phase_end {
+            break;
+        }
+        let fault = pick(cluster, &mut rng, kill_weight).await;
+        record(format!("start {fault:?}"));
+        inject(cluster, &fault).await;
+        injected += 1;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(800..1800))).await;
+        undo(cluster, &fault);
+        record(format!("end {fault:?}"));
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..800))).await;
+    }
+    injected
+}

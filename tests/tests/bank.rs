@@ -491,23 +491,7 @@ async fn money_is_conserved_under_faults() {
         clients.spawn(reader_loop(r, seed, nodes, journal, stop));
     }
 
-    let mut rng = StdRng::seed_from_u64(seed);
-    let phase_end = Instant::now() + FAULT_PHASE;
-    let mut injected = 0usize;
-    // Bounded by time, and by count in case a fault's injection returns at once.
-    for _ in 0..64 {
-        if Instant::now() >= phase_end {
-            break;
-        }
-        let fault = faults::pick(&cluster, &mut rng, 2).await;
-        journal.fault(format!("start {fault:?}"));
-        faults::inject(&cluster, &fault).await;
-        injected += 1;
-        tokio::time::sleep(Duration::from_millis(rng.random_range(800..1800))).await;
-        faults::undo(&cluster, &fault);
-        journal.fault(format!("end {fault:?}"));
-        tokio::time::sleep(Duration::from_millis(rng.random_range(200..800))).await;
-    }
+    let injected = faults::run(&cluster, seed, FAULT_PHASE, 2, |event| journal.fault(event)).await;
     cluster.net().heal_all();
     for &id in &ids {
         if cluster.is_paused(id) {

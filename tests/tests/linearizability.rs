@@ -21,7 +21,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 use wraft_tests::api::{Consistency, QueryRequest};
 use wraft_tests::cluster::{exec_request, Client, ClusterOptions};
 use wraft_tests::faults;
@@ -319,23 +318,10 @@ async fn register_linearizable_under_faults() {
         clients.spawn(client_loop(c, seed, targets, history.clone(), stop.clone()));
     }
 
-    let mut rng = StdRng::seed_from_u64(seed);
-    let phase_end = Instant::now() + fault_phase();
-    let mut injected = 0usize;
-    // Bounded by time, and by count in case a fault's injection returns at once.
-    for _ in 0..64 {
-        if Instant::now() >= phase_end {
-            break;
-        }
-        let fault = faults::pick(&cluster, &mut rng, 1).await;
-        history.fault(format!("start {fault:?}"));
-        faults::inject(&cluster, &fault).await;
-        injected += 1;
-        tokio::time::sleep(Duration::from_millis(rng.random_range(800..1800))).await;
-        faults::undo(&cluster, &fault);
-        history.fault(format!("end {fault:?}"));
-        tokio::time::sleep(Duration::from_millis(rng.random_range(200..800))).await;
-    }
+    let injected = faults::run(&cluster, seed, fault_phase(), 1, |event| {
+        history.fault(event)
+    })
+    .await;
     cluster.net().heal_all();
     for id in cluster.ids() {
         if cluster.is_paused(id) {
