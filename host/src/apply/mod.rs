@@ -16,7 +16,7 @@ mod tenant;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -132,6 +132,9 @@ pub struct ApplyStage {
     halted: Option<String>,
     /// `applied`, readable by the Raft loop without asking: it bounds how far apply may lag.
     applied_shared: Arc<AtomicU64>,
+    /// Tenants changed since the view was last published: only they are republished, so an
+    /// apply batch costs the same with one tenant or a thousand idle ones.
+    touched: BTreeSet<String>,
 }
 
 impl ApplyStage {
@@ -169,7 +172,7 @@ impl ApplyStage {
         }
         // The checkpoint's own entry is delivered again: ops after its position in it apply.
         let raft_applied = replay_from.map_or(0, |i| i.saturating_sub(1));
-        let stage = ApplyStage {
+        let mut stage = ApplyStage {
             runtime,
             limits,
             store,
@@ -182,7 +185,9 @@ impl ApplyStage {
             view,
             halted: None,
             applied_shared: Arc::new(AtomicU64::new(raft_applied)),
+            touched: BTreeSet::new(),
         };
+        stage.touched = stage.tenants.keys().cloned().collect();
         stage.publish();
         tracing::info!(
             tenants = stage.tenants.len(),
@@ -324,6 +329,9 @@ impl ApplyStage {
                 return None;
             }
         }
+        if !self.touched.contains(&op.tenant) {
+            self.touched.insert(op.tenant.clone());
+        }
         let outcome = match &op.kind {
             Some(op::Kind::Deploy(deploy)) => {
                 self.deploy(at, &op.tenant, &deploy.wasm, &deploy.module_hash)
@@ -458,25 +466,29 @@ impl ApplyStage {
         let _ = task.reply.send(answer);
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         METRICS.applied_index.set(self.applied as i64);
         self.applied_shared.store(self.applied, Ordering::Release);
+        let touched = std::mem::take(&mut self.touched);
         if let Ok(mut view) = self.view.write() {
             view.applied = self.applied;
             view.halted = self.halted.clone();
-            view.tenants = self
-                .tenants
-                .iter()
-                .map(|(name, t)| {
-                    let view = TenantView {
-                        module_hash: t.module_hash_hex(),
-                        last_index: t.last_index(),
-                        version: t.version(),
-                        memory_bytes: t.memory_bytes(),
-                    };
-                    (name.clone(), view)
-                })
-                .collect();
+            for name in touched {
+                match self.tenants.get(&name) {
+                    Some(t) => {
+                        let tenant = TenantView {
+                            module_hash: t.module_hash_hex(),
+                            last_index: t.last_index(),
+                            version: t.version(),
+                            memory_bytes: t.memory_bytes(),
+                        };
+                        view.tenants.insert(name, tenant);
+                    }
+                    None => {
+                        view.tenants.remove(&name);
+                    }
+                }
+            }
         }
     }
 
