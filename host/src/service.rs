@@ -338,22 +338,34 @@ impl ClientService {
             }
             Route::Local => {}
         }
-        // Validate before proposing: invalid Wasm never reaches the log.
-        let runtime = self.ctx.runtime.clone();
-        let limits = self.ctx.limits.clone();
-        let wasm = req.wasm;
-        let (module, wasm) = tokio::task::spawn_blocking(move || {
-            let m = runtime.compile(&wasm, &limits);
-            (m, wasm)
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("module validation task failed: {e}")))?;
-        let module =
-            module.map_err(|e| Error::InvalidArgument(format!("deploy tenant {tenant}: {e}")))?;
-        let hash = module.hash();
-        if let Ok(mut cache) = self.ctx.modules.lock() {
-            cache.insert(hash, module);
-        }
+        // Validate before proposing: invalid Wasm never reaches the log. A module compiled
+        // before (same bytes, same hash) was validated then: the cache skips the compile.
+        let hash: [u8; 32] = Sha256::digest(&req.wasm).into();
+        let cached = self
+            .ctx
+            .modules
+            .lock()
+            .map(|cache| cache.contains_key(&hash))
+            .unwrap_or(false);
+        let wasm = if cached {
+            req.wasm
+        } else {
+            let runtime = self.ctx.runtime.clone();
+            let limits = self.ctx.limits.clone();
+            let wasm = req.wasm;
+            let (module, wasm) = tokio::task::spawn_blocking(move || {
+                let m = runtime.compile(&wasm, &limits);
+                (m, wasm)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("module validation task failed: {e}")))?;
+            let module = module
+                .map_err(|e| Error::InvalidArgument(format!("deploy tenant {tenant}: {e}")))?;
+            if let Ok(mut cache) = self.ctx.modules.lock() {
+                cache.insert(hash, module);
+            }
+            wasm
+        };
         let applied = self
             .propose(
                 &rid,
