@@ -229,17 +229,24 @@ fn is_trap(o: &OpOutcome) -> bool {
     )
 }
 
+/// A deploy op of the TRAPPY module under `engine`, and the module's hash.
+fn trappy_deploy(engine: &str) -> (op::Kind, [u8; 32]) {
+    let wasm = wat::parse_str(TRAPPY).unwrap();
+    let hash: [u8; 32] = Sha256::digest(&wasm).into();
+    let deploy = op::Kind::Deploy(Deploy {
+        wasm,
+        module_hash: hash.to_vec(),
+        engine: engine.to_string(),
+    });
+    (deploy, hash)
+}
+
 #[test]
 fn a_trap_leaves_no_trace_now_and_after_replay() {
     let dir = tempfile::tempdir().unwrap();
-    let wasm = wat::parse_str(TRAPPY).unwrap();
-    let hash: [u8; 32] = Sha256::digest(&wasm).into();
+    let (deploy, hash) = trappy_deploy(crate::wasm::ENGINE);
     let mut h = start(dir.path());
-    let deployed = h.commit(vec![op::Kind::Deploy(Deploy {
-        wasm: wasm.clone(),
-        module_hash: hash.to_vec(),
-        engine: crate::wasm::ENGINE.to_string(),
-    })]);
+    let deployed = h.commit(vec![deploy]);
     assert_eq!(
         deployed,
         vec![OpOutcome::Output(hex::encode(hash).into_bytes())]
@@ -285,14 +292,9 @@ fn a_trap_leaves_no_trace_now_and_after_replay() {
 #[test]
 fn sessions_answer_a_retry_without_applying_it_again() {
     let dir = tempfile::tempdir().unwrap();
-    let wasm = wat::parse_str(TRAPPY).unwrap();
-    let hash: [u8; 32] = Sha256::digest(&wasm).into();
+    let (deploy, _) = trappy_deploy(crate::wasm::ENGINE);
     let mut h = start(dir.path());
-    h.commit(vec![op::Kind::Deploy(Deploy {
-        wasm,
-        module_hash: hash.to_vec(),
-        engine: crate::wasm::ENGINE.to_string(),
-    })]);
+    h.commit(vec![deploy]);
     let with_session = |seq: u64| {
         op::Kind::Command(Command {
             payload: b"a".to_vec(),
@@ -325,14 +327,9 @@ fn sessions_answer_a_retry_without_applying_it_again() {
 #[test]
 fn a_trapping_query_is_repaired_locally_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let wasm = wat::parse_str(TRAPPY).unwrap();
-    let hash: [u8; 32] = Sha256::digest(&wasm).into();
+    let (deploy, _) = trappy_deploy(crate::wasm::ENGINE);
     let mut h = start(dir.path());
-    h.commit(vec![op::Kind::Deploy(Deploy {
-        wasm,
-        module_hash: hash.to_vec(),
-        engine: crate::wasm::ENGINE.to_string(),
-    })]);
+    h.commit(vec![deploy]);
     assert_eq!(h.commit(vec![cmd("a")]), vec![output(1)]);
     assert_eq!(h.commit(vec![cmd("a")]), vec![output(2)]);
     let digest = h.digest();
@@ -348,14 +345,9 @@ fn a_trapping_query_is_repaired_locally_and_changes_nothing() {
 #[test]
 fn a_deploy_from_another_engine_stops_this_replica_rather_than_diverge() {
     let dir = tempfile::tempdir().unwrap();
-    let wasm = wat::parse_str(TRAPPY).unwrap();
-    let hash: [u8; 32] = Sha256::digest(&wasm).into();
+    let (deploy, _) = trappy_deploy("wasmtime 1.0.0; some other accounting");
     let mut h = start(dir.path());
-    let answers = h.commit_raw(vec![op::Kind::Deploy(Deploy {
-        wasm: wasm.clone(),
-        module_hash: hash.to_vec(),
-        engine: "wasmtime 1.0.0; some other accounting".into(),
-    })]);
+    let answers = h.commit_raw(vec![deploy]);
     match &answers[0] {
         Err(Error::Internal(why)) => assert!(why.contains("Wasm engine"), "{why}"),
         other => panic!("expected the replica to refuse, got {other:?}"),
@@ -366,14 +358,9 @@ fn a_deploy_from_another_engine_stops_this_replica_rather_than_diverge() {
 #[test]
 fn a_checkpoint_from_another_engine_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
-    let wasm = wat::parse_str(TRAPPY).unwrap();
-    let hash: [u8; 32] = Sha256::digest(&wasm).into();
+    let (deploy, _) = trappy_deploy(crate::wasm::ENGINE);
     let mut h = start(dir.path());
-    h.commit(vec![op::Kind::Deploy(Deploy {
-        wasm,
-        module_hash: hash.to_vec(),
-        engine: crate::wasm::ENGINE.to_string(),
-    })]);
+    h.commit(vec![deploy]);
     h.stop();
     // Rewrite the stored checkpoint as if another build had written it.
     let (_raft, state) = storage::open(
