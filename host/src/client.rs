@@ -191,6 +191,17 @@ impl Client {
             .map_err(|s| self.status_error(s))
     }
 
+    /// Removes a tenant on every replica; answers with the log index of the removal.
+    pub async fn delete_tenant(&self, tenant: &str) -> Result<DeleteTenantResponse, ClientError> {
+        let mut c = self.connect().await?;
+        c.delete_tenant(self.request(DeleteTenantRequest {
+            tenant: tenant.into(),
+        }))
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| self.status_error(s))
+    }
+
     /// Moves leadership (`to` 0: to the most caught-up voter); answers once it has moved.
     pub async fn transfer_leader(&self, to: u64) -> Result<TransferLeaderResponse, ClientError> {
         let mut c = self.connect().await?;

@@ -550,6 +550,38 @@ impl ClientService {
         }))
     }
 
+    async fn delete_tenant_inner(
+        &self,
+        request: Request<DeleteTenantRequest>,
+    ) -> Result<Response<DeleteTenantResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let rid = request_id_of(&request);
+        let req = request.into_inner();
+        check_tenant_name(&req.tenant)?;
+        match self.route(forwarded).await? {
+            Route::Forward(leader, mut client) => {
+                return client
+                    .delete_tenant(self.forward_request("delete_tenant", req, &rid))
+                    .await
+                    .map_err(|s| self.forward_failed(leader, s, true));
+            }
+            Route::Local => {}
+        }
+        if !self.tenant_exists(&req.tenant) {
+            return Err(Error::UnknownTenant(req.tenant).into());
+        }
+        let tenant = req.tenant.clone();
+        let applied = self
+            .propose(&rid, req.tenant, op::Kind::Delete(wlog::Delete {}))
+            .await?;
+        match applied.outcome {
+            OpOutcome::Output(_) => Ok(Response::new(DeleteTenantResponse {
+                index: applied.index,
+            })),
+            OpOutcome::Failed { .. } => Err(Error::UnknownTenant(tenant).into()),
+        }
+    }
+
     async fn transfer_leader_inner(
         &self,
         request: Request<TransferLeaderRequest>,
@@ -697,6 +729,18 @@ impl Wraft for ClientService {
         let span = tracing::info_span!("request", method = "transfer_leader", request_id = %id);
         let result = self.transfer_leader_inner(request).instrument(span).await;
         crate::metrics::observe_grpc("transfer_leader", started, &result);
+        result
+    }
+
+    async fn delete_tenant(
+        &self,
+        request: Request<DeleteTenantRequest>,
+    ) -> Result<Response<DeleteTenantResponse>, Status> {
+        let started = std::time::Instant::now();
+        let (request, id) = ensure_request_id(request);
+        let span = tracing::info_span!("request", method = "delete_tenant", request_id = %id);
+        let result = self.delete_tenant_inner(request).instrument(span).await;
+        crate::metrics::observe_grpc("delete_tenant", started, &result);
         result
     }
 }

@@ -503,7 +503,7 @@ async fn a_request_id_follows_a_request_across_nodes() {
 }
 
 #[tokio::test]
-async fn tenants_lists_modules_versions_and_state_and_an_upgrade_keeps_the_state() {
+async fn tenant_lifecycle_list_upgrade_delete() {
     let nodes = Nodes::start(1);
     nodes.leader().await;
     let (port, _) = nodes.ports[&1];
@@ -557,6 +557,55 @@ async fn tenants_lists_modules_versions_and_state_and_an_upgrade_keeps_the_state
     .await;
     read.expect_code(0, "query after the upgrade");
     assert_eq!(read.stdout.trim(), r#"{"value":"1"}"#);
+
+    // Delete: gone from the list, commands are refused, and it stays gone after a restart.
+    wraft_tests::run_cli(
+        &["delete", "--endpoints", &endpoint, "--tenant", "shop"],
+        &[],
+    )
+    .await
+    .expect_code(0, "delete");
+    assert!(list().await.is_empty(), "no tenants after the delete");
+    let exec = wraft_tests::run_cli(
+        &[
+            "exec",
+            "--endpoints",
+            &endpoint,
+            "--tenant",
+            "shop",
+            r#"{"op":"get","key":"a"}"#,
+        ],
+        &[],
+    )
+    .await;
+    exec.expect_code(3, "exec on a deleted tenant");
+    assert!(exec.stderr.contains("does not exist"), "{}", exec.stderr);
+    let mut nodes = nodes;
+    assert_eq!(nodes.terminate(1).await, Some(0));
+    nodes.spawn(1);
+    nodes.leader().await;
+    assert!(list().await.is_empty(), "still deleted after a restart");
+    // A new tenant of the same name starts from scratch.
+    wraft_tests::run_cli(
+        &["deploy", "--endpoints", &endpoint, "--tenant", "shop", &kv],
+        &[],
+    )
+    .await
+    .expect_code(0, "deploy again");
+    let read = wraft_tests::run_cli(
+        &[
+            "query",
+            "--endpoints",
+            &endpoint,
+            "--tenant",
+            "shop",
+            r#"{"op":"get","key":"a"}"#,
+        ],
+        &[],
+    )
+    .await;
+    read.expect_code(0, "query the new tenant");
+    assert_eq!(read.stdout.trim(), r#"{"value":null}"#);
 }
 
 #[tokio::test]

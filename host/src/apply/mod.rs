@@ -336,6 +336,19 @@ impl ApplyStage {
             Some(op::Kind::Deploy(deploy)) => {
                 self.deploy(at, &op.tenant, &deploy.wasm, &deploy.module_hash)
             }
+            Some(op::Kind::Delete(_)) => match self.tenants.remove(&op.tenant) {
+                Some(_) => {
+                    if let Err(err) = self.store.delete_checkpoint(&op.tenant) {
+                        tracing::error!(tenant = %op.tenant, %err, "deleting a checkpoint failed");
+                    }
+                    tracing::info!(tenant = %op.tenant, index = at.0, "tenant deleted");
+                    OpOutcome::Output(Vec::new())
+                }
+                None => OpOutcome::Failed {
+                    kind: Kind::UnknownTenant,
+                    message: format!("tenant `{}` does not exist", op.tenant),
+                },
+            },
             Some(op::Kind::Command(cmd)) => {
                 let env = Env {
                     runtime: &self.runtime,

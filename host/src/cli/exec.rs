@@ -1,4 +1,4 @@
-//! `wraft deploy` and `wraft exec`: the two write commands.
+//! `wraft deploy`, `wraft exec` and `wraft delete`: the write commands.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +31,29 @@ pub struct ExecArgs {
     seq: Option<u64>,
     /// The command, passed to the module as bytes.
     command: String,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DeleteArgs {
+    #[command(flatten)]
+    endpoints: Endpoints,
+    /// The tenant to remove, with its state and sessions.
+    #[arg(long)]
+    tenant: String,
+}
+
+pub async fn delete(args: DeleteArgs) -> ExitCode {
+    let client = match args.endpoints.client() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match client.delete_tenant(&args.tenant).await {
+        Ok(resp) => {
+            println!("deleted tenant {} at index {}", args.tenant, resp.index);
+            ExitCode::SUCCESS
+        }
+        Err(err) => fail(&err, true),
+    }
 }
 
 pub async fn deploy(args: DeployArgs) -> ExitCode {

@@ -87,6 +87,8 @@ enum Command {
     Status(status::Args),
     /// Show each endpoint's hash of a tenant's state, to compare replicas.
     Digest(digest::Args),
+    /// Remove a tenant, its state and sessions, on every replica.
+    Delete(exec::DeleteArgs),
     /// List the tenants: module hash, version and state size.
     Tenants(tenants::Args),
     /// Leadership: `wraft leader transfer [--to N]`.
@@ -121,6 +123,7 @@ pub fn main() -> ExitCode {
             Command::Status(args) => status::run(args).await,
             Command::Digest(args) => digest::run(args).await,
             Command::Tenants(args) => tenants::run(args).await,
+            Command::Delete(args) => exec::delete(args).await,
             Command::Leader(command) => leader::run(command).await,
             Command::Bench(args) => bench::run(args).await,
         }
