@@ -306,6 +306,25 @@ fn ensure_request_id<T>(mut req: Request<T>) -> (Request<T>, String) {
     (req, id)
 }
 
+/// Runs a handler inside a span carrying the request id (the client's, or one drawn here) and
+/// records its count, status code and latency: what every RPC does around its own work.
+async fn traced<Req, Resp, F, Fut>(
+    method: &'static str,
+    request: Request<Req>,
+    handler: F,
+) -> Result<Response<Resp>, Status>
+where
+    F: FnOnce(Request<Req>) -> Fut,
+    Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
+{
+    let started = std::time::Instant::now();
+    let (request, id) = ensure_request_id(request);
+    let span = tracing::info_span!("request", method, request_id = %id);
+    let result = handler(request).instrument(span).await;
+    crate::metrics::observe_grpc(method, started, &result);
+    result
+}
+
 fn is_forwarded<T>(req: &Request<T>) -> bool {
     req.metadata().get(FORWARDED_KEY).is_some()
 }
@@ -667,81 +686,49 @@ impl Wraft for ClientService {
         &self,
         request: Request<DeployRequest>,
     ) -> Result<Response<DeployResponse>, Status> {
-        let started = std::time::Instant::now();
-        let (request, id) = ensure_request_id(request);
-        let span = tracing::info_span!("request", method = "deploy", request_id = %id);
-        let result = self.deploy_inner(request).instrument(span).await;
-        crate::metrics::observe_grpc("deploy", started, &result);
-        result
+        traced("deploy", request, |r| self.deploy_inner(r)).await
     }
 
     async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
-        let started = std::time::Instant::now();
-        let (request, id) = ensure_request_id(request);
-        let span = tracing::info_span!("request", method = "exec", request_id = %id);
-        let result = self.exec_inner(request).instrument(span).await;
-        crate::metrics::observe_grpc("exec", started, &result);
-        result
+        traced("exec", request, |r| self.exec_inner(r)).await
     }
 
     async fn query(
         &self,
         request: Request<QueryRequest>,
     ) -> Result<Response<QueryResponse>, Status> {
-        let started = std::time::Instant::now();
-        let (request, id) = ensure_request_id(request);
-        let span = tracing::info_span!("request", method = "query", request_id = %id);
-        let result = self.query_inner(request).instrument(span).await;
-        crate::metrics::observe_grpc("query", started, &result);
-        result
+        traced("query", request, |r| self.query_inner(r)).await
     }
 
     async fn status(
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        let started = std::time::Instant::now();
-        let (request, id) = ensure_request_id(request);
-        let span = tracing::info_span!("request", method = "status", request_id = %id);
-        let result = self.status_inner(request).instrument(span).await;
-        crate::metrics::observe_grpc("status", started, &result);
-        result
+        traced("status", request, |r| self.status_inner(r)).await
     }
 
     async fn digest(
         &self,
         request: Request<DigestRequest>,
     ) -> Result<Response<DigestResponse>, Status> {
-        let started = std::time::Instant::now();
-        let (request, id) = ensure_request_id(request);
-        let span = tracing::info_span!("request", method = "digest", request_id = %id);
-        let result = self.digest_inner(request).instrument(span).await;
-        crate::metrics::observe_grpc("digest", started, &result);
-        result
+        traced("digest", request, |r| self.digest_inner(r)).await
     }
 
     async fn transfer_leader(
         &self,
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
-        let started = std::time::Instant::now();
-        let (request, id) = ensure_request_id(request);
-        let span = tracing::info_span!("request", method = "transfer_leader", request_id = %id);
-        let result = self.transfer_leader_inner(request).instrument(span).await;
-        crate::metrics::observe_grpc("transfer_leader", started, &result);
-        result
+        traced("transfer_leader", request, |r| {
+            self.transfer_leader_inner(r)
+        })
+        .await
     }
 
     async fn delete_tenant(
         &self,
         request: Request<DeleteTenantRequest>,
     ) -> Result<Response<DeleteTenantResponse>, Status> {
-        let started = std::time::Instant::now();
-        let (request, id) = ensure_request_id(request);
-        let span = tracing::info_span!("request", method = "delete_tenant", request_id = %id);
-        let result = self.delete_tenant_inner(request).instrument(span).await;
-        crate::metrics::observe_grpc("delete_tenant", started, &result);
-        result
+        traced("delete_tenant", request, |r| self.delete_tenant_inner(r)).await
     }
 }
 
