@@ -518,6 +518,17 @@ async fn tenant_lifecycle_list_upgrade_delete() {
             .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
             .collect::<Vec<_>>()
     };
+    let get_a = || async {
+        let args = [
+            "query",
+            "--endpoints",
+            &endpoint,
+            "--tenant",
+            "shop",
+            r#"{"op":"get","key":"a"}"#,
+        ];
+        wraft_tests::run_cli(&args, &[]).await
+    };
     assert!(list().await.is_empty(), "no tenants before a deploy");
     wraft_tests::run_cli(
         &["deploy", "--endpoints", &endpoint, "--tenant", "shop", &kv],
@@ -543,18 +554,7 @@ async fn tenant_lifecycle_list_upgrade_delete() {
     .expect_code(0, "upgrade");
     let second = list().await;
     assert_eq!(second[0]["version"], 2, "{second:?}");
-    let read = wraft_tests::run_cli(
-        &[
-            "query",
-            "--endpoints",
-            &endpoint,
-            "--tenant",
-            "shop",
-            r#"{"op":"get","key":"a"}"#,
-        ],
-        &[],
-    )
-    .await;
+    let read = get_a().await;
     read.expect_code(0, "query after the upgrade");
     assert_eq!(read.stdout.trim(), r#"{"value":"1"}"#);
 
@@ -592,18 +592,7 @@ async fn tenant_lifecycle_list_upgrade_delete() {
     )
     .await
     .expect_code(0, "deploy again");
-    let read = wraft_tests::run_cli(
-        &[
-            "query",
-            "--endpoints",
-            &endpoint,
-            "--tenant",
-            "shop",
-            r#"{"op":"get","key":"a"}"#,
-        ],
-        &[],
-    )
-    .await;
+    let read = get_a().await;
     read.expect_code(0, "query the new tenant");
     assert_eq!(read.stdout.trim(), r#"{"value":null}"#);
 }
