@@ -106,6 +106,27 @@ struct SessionEntry {
     index: u64,
 }
 
+/// This tenant's metric series, looked up once: apply is a hot path, and a labelled lookup
+/// hashes the label and takes a lock each time.
+#[derive(Clone)]
+struct TenantMetrics {
+    applies: prometheus::IntCounter,
+    apply_seconds: prometheus::Histogram,
+    fuel_used: prometheus::IntCounter,
+    memory_bytes: prometheus::IntGauge,
+}
+
+impl TenantMetrics {
+    fn new(tenant: &str) -> Self {
+        Self {
+            applies: METRICS.applies.with_label_values(&[tenant]),
+            apply_seconds: METRICS.apply_seconds.with_label_values(&[tenant]),
+            fuel_used: METRICS.fuel_used.with_label_values(&[tenant]),
+            memory_bytes: METRICS.tenant_memory_bytes.with_label_values(&[tenant]),
+        }
+    }
+}
+
 /// A tenant's live state on this replica.
 pub struct Tenant {
     name: String,
@@ -120,6 +141,7 @@ pub struct Tenant {
     ops_since_checkpoint: u64,
     /// 1 at the first deploy, +1 at every successful upgrade.
     version: u64,
+    metrics: TenantMetrics,
 }
 
 /// Ops of one tenant applied between checkpoints. Bounds replay after a trap or a restart.
@@ -147,6 +169,7 @@ impl Tenant {
             last_index: at.0,
             ops_since_checkpoint: 0,
             version: 1,
+            metrics: TenantMetrics::new(name),
         };
         tenant
             .write_checkpoint(env, at, None, Some(wasm))
@@ -235,6 +258,7 @@ impl Tenant {
                 .restore(&cp.snapshot)
                 .map_err(|e| broken(format!("restoring the checkpoint failed: {e}")))?;
         }
+        let metrics = TenantMetrics::new(&cp.tenant);
         Ok(Tenant {
             name: cp.tenant,
             module,
@@ -244,6 +268,7 @@ impl Tenant {
             last_index: cp.last_index,
             ops_since_checkpoint: 0,
             version: cp.version,
+            metrics,
         })
     }
 
@@ -274,9 +299,9 @@ impl Tenant {
             return done;
         }
         let started = std::time::Instant::now();
-        let name = self.name.clone();
+        let metrics = self.metrics.clone();
         let outcome = match self.live(env, at) {
-            Ok(instance) => match Self::measured_apply(&name, instance, &cmd.payload, started) {
+            Ok(instance) => match Self::measured_apply(&metrics, instance, &cmd.payload, started) {
                 Ok(out) => OpOutcome::Output(out),
                 Err(err) => {
                     let outcome = OpOutcome::from_call_error(&err);
@@ -311,25 +336,18 @@ impl Tenant {
 
     /// Calls `apply` and records its count, latency, fuel and the instance's memory.
     fn measured_apply(
-        tenant: &str,
+        metrics: &TenantMetrics,
         instance: &mut Instance,
         payload: &[u8],
         started: std::time::Instant,
     ) -> Result<Vec<u8>, CallError> {
         let result = instance.apply(payload);
-        METRICS.applies.with_label_values(&[tenant]).inc();
-        METRICS
+        metrics.applies.inc();
+        metrics
             .apply_seconds
-            .with_label_values(&[tenant])
             .observe(started.elapsed().as_secs_f64());
-        METRICS
-            .fuel_used
-            .with_label_values(&[tenant])
-            .inc_by(instance.fuel_used());
-        METRICS
-            .tenant_memory_bytes
-            .with_label_values(&[tenant])
-            .set(instance.memory_bytes() as i64);
+        metrics.fuel_used.inc_by(instance.fuel_used());
+        metrics.memory_bytes.set(instance.memory_bytes() as i64);
         result
     }
 
