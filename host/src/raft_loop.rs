@@ -112,6 +112,8 @@ pub struct RaftLoop {
     /// Set once shutdown is asked for: the loop keeps running until leadership has moved to
     /// another node (so the cluster does not wait out an election) or this deadline passes.
     stopping: Option<Instant>,
+    /// Set when a conf change applied (and at start): the status republishes the member lists.
+    membership_changed: bool,
     /// The apply stage's applied index, and the last index handed to it. Their distance is the
     /// apply backlog; new proposals wait (RESOURCE_EXHAUSTED) while it exceeds
     /// [`MAX_APPLY_BACKLOG`], so a slow module slows its clients instead of growing memory.
@@ -145,6 +147,7 @@ impl RaftLoop {
             reads: HashMap::new(),
             next_read_ctx: 1,
             stopping: None,
+            membership_changed: true,
             applied,
             handed,
         }
@@ -537,6 +540,7 @@ impl RaftLoop {
             };
             match result {
                 Ok(cs) => {
+                    self.membership_changed = true;
                     if let Err(err) = self.raw.mut_store().set_conf_state(&cs) {
                         tracing::error!(%err, "persisting the conf state failed");
                     }
@@ -550,6 +554,8 @@ impl RaftLoop {
         let _ = self.apply.send(ApplyInput::Committed(entries));
     }
 
+    /// Republishes what changed. Runs every iteration, so it allocates only when membership
+    /// changed (the voter and learner lists); otherwise it compares a few integers.
     fn publish_status(&mut self) {
         let raft = &self.raw.raft;
         let role = match raft.state {
@@ -559,56 +565,57 @@ impl RaftLoop {
             StateRole::Follower if raft.prs().conf().learners().contains(&raft.id) => Role::Learner,
             StateRole::Follower => Role::Follower,
         };
-        let conf = raft.prs().conf();
-        let mut voters: Vec<u64> = conf.voters().ids().iter().collect();
-        voters.sort_unstable();
-        let mut learners: Vec<u64> = conf.learners().iter().copied().collect();
-        learners.sort_unstable();
-        let next = RaftStatus {
-            id: raft.id,
-            role,
-            leader: raft.leader_id,
-            term: raft.term,
-            commit: raft.raft_log.committed,
-            voters,
-            learners,
-        };
+        let (id, leader, term, commit) =
+            (raft.id, raft.leader_id, raft.term, raft.raft_log.committed);
+        let members = std::mem::take(&mut self.membership_changed).then(|| {
+            let conf = raft.prs().conf();
+            let mut voters: Vec<u64> = conf.voters().ids().iter().collect();
+            voters.sort_unstable();
+            let mut learners: Vec<u64> = conf.learners().iter().copied().collect();
+            learners.sort_unstable();
+            (voters, learners)
+        });
         if role != Role::Leader && !self.reads.is_empty() {
             // A read confirmed by a former leader could be stale: fail them, the caller retries.
-            let leader = raft.leader_id;
             for (_, read) in self.reads.drain() {
                 for reply in read.replies {
                     let _ = reply.send(Err(Error::NotLeader { leader }));
                 }
             }
         }
+        let log = &self.raw.raft.raft_log;
         self.status.send_if_modified(|current| {
-            if *current != next {
-                METRICS.term.set(next.term as i64);
-                METRICS.is_leader.set(i64::from(next.role == Role::Leader));
-                METRICS.commit_index.set(next.commit as i64);
-                let log = &self.raw.raft.raft_log;
-                METRICS.log_last_index.set(log.last_index() as i64);
-                METRICS
-                    .log_entries
-                    .set((log.last_index() + 1).saturating_sub(log.first_index()) as i64);
-                if current.role != next.role || current.term != next.term {
-                    METRICS.leader_changes.inc();
-                    // The fault tests check Raft's invariants from these lines (one leader per term,
-                    // commit never going backwards): keep the fields.
-                    tracing::info!(
-                        role = ?next.role,
-                        term = next.term,
-                        leader = next.leader,
-                        commit = next.commit,
-                        "raft role changed"
-                    );
-                }
-                *current = next;
-                true
-            } else {
-                false
+            let scalars_changed = current.id != id
+                || current.role != role
+                || current.leader != leader
+                || current.term != term
+                || current.commit != commit;
+            if !scalars_changed && members.is_none() {
+                return false;
             }
+            METRICS.term.set(term as i64);
+            METRICS.is_leader.set(i64::from(role == Role::Leader));
+            METRICS.commit_index.set(commit as i64);
+            METRICS.log_last_index.set(log.last_index() as i64);
+            METRICS
+                .log_entries
+                .set((log.last_index() + 1).saturating_sub(log.first_index()) as i64);
+            if current.role != role || current.term != term {
+                METRICS.leader_changes.inc();
+                // The fault tests check Raft's invariants from these lines (one leader per term,
+                // commit never going backwards): keep the fields.
+                tracing::info!(role = ?role, term, leader, commit, "raft role changed");
+            }
+            current.id = id;
+            current.role = role;
+            current.leader = leader;
+            current.term = term;
+            current.commit = commit;
+            if let Some((voters, learners)) = members {
+                current.voters = voters;
+                current.learners = learners;
+            }
+            true
         });
     }
 

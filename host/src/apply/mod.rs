@@ -295,6 +295,17 @@ impl ApplyStage {
             self.last_pos = at;
         }
         self.applied = index;
+        // A deploy or delete changes which tenants exist, and the client API checks that against
+        // the published view: publish before answering, so a client that deployed can use the
+        // tenant at once (read-your-writes). Commands wait for the end of the batch.
+        if ops.iter().any(|op| {
+            matches!(
+                op.kind,
+                Some(op::Kind::Deploy(_)) | Some(op::Kind::Delete(_))
+            )
+        }) {
+            self.publish();
+        }
         // Answer every waiter up to this index: an index is applied once, in order, so a waiter
         // still here after its index is applied lost it to another entry.
         while let Some((&waiting_index, _)) = self.waiters.first_key_value() {

@@ -51,6 +51,7 @@ struct Harness {
     inbox: Sender<ApplyInput>,
     thread: Option<std::thread::JoinHandle<()>>,
     replay_from: u64,
+    view: SharedView,
 }
 
 fn start(dir: &std::path::Path) -> Harness {
@@ -63,12 +64,13 @@ fn start(dir: &std::path::Path) -> Harness {
         &[1],
     )
     .unwrap();
+    let view: SharedView = Arc::new(RwLock::new(AppliedView::default()));
     let (stage, replay_from) = ApplyStage::open(
         Runtime::new().unwrap(),
         Limits::default(),
         state,
         Arc::new(Mutex::new(Default::default())),
-        Arc::new(RwLock::new(AppliedView::default())),
+        view.clone(),
     )
     .unwrap();
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -79,6 +81,7 @@ fn start(dir: &std::path::Path) -> Harness {
         inbox: tx,
         thread: Some(thread),
         replay_from,
+        view,
     }
 }
 
@@ -94,54 +97,64 @@ impl Harness {
 
     /// Like [`Harness::commit`], but returns what each waiter got, errors included.
     fn commit_raw(&mut self, ops: Vec<op::Kind>) -> Vec<Result<Applied, Error>> {
-        let index = self.raft.hard_state().commit + 1;
-        let ops: Vec<Op> = ops
+        self.commit_batch(vec![ops])
+            .remove(0)
             .into_iter()
-            .map(|kind| Op {
-                id: Some(self.ids.next_id()),
-                tenant: "t".into(),
-                kind: Some(kind),
-                request_id: String::new(),
-            })
-            .collect();
-        let data = crate::envelope::encode(&LogEntry {
-            version: ENVELOPE_VERSION,
-            timestamp_ms: 0,
-            ops: ops.clone(),
-        });
-        let entry = Entry {
-            index,
-            term: 1,
-            data: data.into(),
-            ..Default::default()
-        };
+            .map(|a| a.blocking_recv().unwrap())
+            .collect()
+    }
+
+    /// Appends one entry per element of `entries` and hands them to the stage as ONE batch, as
+    /// the Raft loop does; returns the waiters' receivers, entry by entry, without waiting.
+    fn commit_batch(
+        &mut self,
+        entries: Vec<Vec<op::Kind>>,
+    ) -> Vec<Vec<oneshot::Receiver<Result<Applied, Error>>>> {
         let mut hs = self.raft.hard_state();
-        hs.commit = index;
-        hs.term = 1;
-        self.raft
-            .append(std::slice::from_ref(&entry), Some(&hs), true)
-            .unwrap();
+        let mut batch = Vec::new();
+        let mut waiters = Vec::new();
         let mut answers = Vec::new();
-        let waiters = ops
-            .iter()
-            .enumerate()
-            .map(|(position, op)| {
+        for ops in entries {
+            let index = hs.commit + 1 + batch.len() as u64;
+            let ops: Vec<Op> = ops
+                .into_iter()
+                .map(|kind| Op {
+                    id: Some(self.ids.next_id()),
+                    tenant: "t".into(),
+                    kind: Some(kind),
+                    request_id: String::new(),
+                })
+                .collect();
+            let data = crate::envelope::encode(&LogEntry {
+                version: ENVELOPE_VERSION,
+                timestamp_ms: 0,
+                ops: ops.clone(),
+            });
+            batch.push(Entry {
+                index,
+                term: 1,
+                data: data.into(),
+                ..Default::default()
+            });
+            let mut entry_answers = Vec::new();
+            for (position, op) in ops.iter().enumerate() {
                 let (reply, answer) = oneshot::channel();
-                answers.push(answer);
-                Waiter {
+                entry_answers.push(answer);
+                waiters.push(Waiter {
                     index,
                     position: position as u32,
                     id: op.id.unwrap(),
                     reply,
-                }
-            })
-            .collect();
+                });
+            }
+            answers.push(entry_answers);
+        }
+        hs.commit += batch.len() as u64;
+        hs.term = 1;
+        self.raft.append(&batch, Some(&hs), true).unwrap();
         self.inbox.send(ApplyInput::Track(waiters)).unwrap();
-        self.inbox.send(ApplyInput::Committed(vec![entry])).unwrap();
+        self.inbox.send(ApplyInput::Committed(batch)).unwrap();
         answers
-            .into_iter()
-            .map(|a| a.blocking_recv().unwrap())
-            .collect()
     }
 
     /// Hands the stage the committed log after its replay point, as raft does on restart.
@@ -389,4 +402,46 @@ fn a_checkpoint_from_another_engine_is_refused_at_start() {
         Err(err) => assert!(err.to_string().contains("wasmtime 99.0.0"), "{err}"),
         Ok(_) => panic!("a checkpoint from another engine must not load"),
     }
+}
+
+#[test]
+fn a_deployed_tenant_is_visible_as_soon_as_the_deploy_is_answered() {
+    // The client API refuses commands for tenants missing from the view: a client that got its
+    // deploy's answer must find the tenant there at once, even while the rest of the batch (here
+    // 2,000 commands after the deploy) is still being applied; likewise for a delete.
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = start(dir.path());
+    let (deploy, _) = trappy_deploy(crate::wasm::ENGINE);
+    let mut entries = vec![vec![deploy]];
+    entries.extend((0..2000).map(|_| vec![cmd("a")]));
+    let mut answers = h.commit_batch(entries);
+    answers
+        .remove(0)
+        .remove(0)
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    assert!(
+        h.view.read().unwrap().tenants.contains_key("t"),
+        "deploy answered before the view showed the tenant"
+    );
+    for entry in answers {
+        for a in entry {
+            a.blocking_recv().unwrap().unwrap();
+        }
+    }
+    let mut entries = vec![vec![op::Kind::Delete(wraft_proto::log::Delete {})]];
+    entries.extend((0..2000).map(|_| vec![cmd("a")]));
+    let mut answers = h.commit_batch(entries);
+    answers
+        .remove(0)
+        .remove(0)
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    assert!(
+        !h.view.read().unwrap().tenants.contains_key("t"),
+        "delete answered before the view dropped the tenant"
+    );
+    h.stop();
 }
