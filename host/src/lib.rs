@@ -34,7 +34,8 @@ pub mod service;
 pub mod storage;
 pub mod tls;
 pub mod transport;
-pub mod wasm;
+/// The deterministic sandbox lives in its own crate (`sandbox/`) so fuzz targets build it alone.
+pub use wraft_sandbox as wasm;
 
 pub use apply::Applied;
 pub use error::Error;

@@ -7,7 +7,7 @@
 
 use wasmtime::{Engine, Memory, ResourceLimiter, Store, Trap, TypedFunc};
 
-use super::{CallError, Limits, Module, WasmError};
+use crate::{CallError, Limits, Module, WasmError};
 
 /// Status byte of a successful result.
 const STATUS_OK: u8 = 0;

@@ -8,7 +8,7 @@
 use sha2::{Digest, Sha256};
 use wasmtime::{Config, Engine, ExternType, FuncType, ValType};
 
-use super::{Instance, Limits, WasmError};
+use crate::{Instance, Limits, WasmError};
 
 /// Wasm page size; custom page sizes are disabled, so it is always 64 KiB.
 const PAGE_BYTES: u64 = 65536;
