@@ -3,7 +3,15 @@
 //! You implement [`StateMachine`] for a type and export it with
 //! [`export_state_machine!`]; the macro generates every function of wraft's Wasm ABI (v1), so
 //! your crate contains no `unsafe` and no ABI code. [`testing::Harness`] runs the same type
-//! natively under `cargo test`, without a cluster.
+//! natively under `cargo test`, without a cluster, and tests upgrades from one version of your
+//! state machine to the next ([`testing::Harness::upgrade_to`]).
+//!
+//! Two ways to write one:
+//! - [`StateMachine`]: commands, queries, outputs and snapshots are bytes; you parse them.
+//! - [`TypedStateMachine`] (cargo feature `serde`, on by default): commands, queries and outputs
+//!   are your serde types and the SDK decodes and encodes them with a codec, [`Json`] or
+//!   [`Postcard`]; input that does not decode is answered with `bad command: ...`. See
+//!   [`typed`] for an example.
 //!
 //! # Example
 //!
@@ -71,6 +79,11 @@
 #![deny(missing_docs)]
 
 pub mod testing;
+#[cfg(feature = "serde")]
+pub mod typed;
+
+#[cfg(feature = "serde")]
+pub use typed::{Codec, Json, Postcard, TypedStateMachine};
 
 #[doc(hidden)]
 pub mod __private;

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use wraft_proto::client::wraft_client::WraftClient;
 use wraft_proto::client::*;
@@ -50,6 +51,8 @@ pub struct Client {
     request_timeout: Duration,
     /// TLS for every connection (`https://`), or plain text when `None`.
     tls: Option<ClientTlsConfig>,
+    /// `Bearer <token>` for every request, for a cluster that requires tokens.
+    authorization: Option<MetadataValue<Ascii>>,
 }
 
 impl Client {
@@ -60,6 +63,7 @@ impl Client {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(15),
             tls: None,
+            authorization: None,
         }
     }
 
@@ -67,6 +71,13 @@ impl Client {
     pub fn with_tls(mut self, tls: Option<ClientTlsConfig>) -> Self {
         self.tls = tls;
         self
+    }
+
+    /// Sends `token` (from `wraft auth token`) with every request; `None` sends none. A token
+    /// that cannot travel as a header value is refused here, before anything is sent.
+    pub fn with_token(mut self, token: Option<&str>) -> Result<Self, String> {
+        self.authorization = token.map(crate::auth::bearer).transpose()?;
+        Ok(self)
     }
 
     /// Connects to one endpoint in plain text (or as its `https://` URL says).
@@ -151,8 +162,17 @@ impl Client {
     }
 
     fn request<T>(&self, body: T) -> tonic::Request<T> {
+        self.request_with_timeout(body, self.request_timeout)
+    }
+
+    /// A request with this client's token, if it has one.
+    fn request_with_timeout<T>(&self, body: T, timeout: Duration) -> tonic::Request<T> {
         let mut req = tonic::Request::new(body);
-        req.set_timeout(self.request_timeout);
+        req.set_timeout(timeout);
+        if let Some(value) = &self.authorization {
+            req.metadata_mut()
+                .insert(crate::auth::AUTHORIZATION_KEY, value.clone());
+        }
         req
     }
 
@@ -211,6 +231,27 @@ impl Client {
             .map_err(|s| self.status_error(s))
     }
 
+    /// Changes membership (admin); answered once the change has applied on the leader.
+    pub async fn change_members(
+        &self,
+        changes: Vec<MemberChange>,
+    ) -> Result<ChangeMembersResponse, ClientError> {
+        let mut c = self.connect().await?;
+        c.change_members(self.request(ChangeMembersRequest { changes }))
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.status_error(s))
+    }
+
+    /// The status of the first endpoint that answers.
+    pub async fn status(&self) -> Result<StatusResponse, ClientError> {
+        let mut c = self.connect().await?;
+        c.status(self.request(StatusRequest {}))
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.status_error(s))
+    }
+
     pub async fn query(
         &self,
         tenant: &str,
@@ -243,8 +284,7 @@ impl Client {
                 endpoints: endpoint.into(),
                 last,
             })?;
-        let mut req = tonic::Request::new(StatusRequest {});
-        req.set_timeout(Duration::from_secs(5));
+        let req = self.request_with_timeout(StatusRequest {}, Duration::from_secs(5));
         c.status(req)
             .await
             .map(|r| r.into_inner())
@@ -268,10 +308,12 @@ impl Client {
                 endpoints: endpoint.into(),
                 last,
             })?;
-        let mut req = tonic::Request::new(DigestRequest {
-            tenant: tenant.into(),
-        });
-        req.set_timeout(Duration::from_secs(15));
+        let req = self.request_with_timeout(
+            DigestRequest {
+                tenant: tenant.into(),
+            },
+            Duration::from_secs(15),
+        );
         c.digest(req)
             .await
             .map(|r| r.into_inner())

@@ -21,16 +21,20 @@
 //!   what is logged and measured.
 
 pub mod apply;
+pub mod auth;
 pub mod cli;
 pub mod client;
+pub mod crashpoint;
 pub mod envelope;
 pub mod error;
 pub mod limits;
 pub mod logging;
+pub mod members;
 pub mod metrics;
 pub mod node;
 pub mod raft_loop;
 pub mod service;
+pub mod snapshot;
 pub mod storage;
 pub mod tls;
 pub mod transport;

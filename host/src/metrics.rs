@@ -32,6 +32,9 @@ pub struct Metrics {
     pub storage_write_seconds: HistogramVec,
     pub log_last_index: IntGauge,
     pub log_entries: IntGauge,
+    pub snapshot_index: IntGauge,
+    pub snapshots_sent: IntCounter,
+    pub snapshots_installed: IntCounter,
     // Wasm, per tenant
     pub applies: IntCounterVec,
     pub traps: IntCounterVec,
@@ -120,7 +123,19 @@ impl Metrics {
             ),
             log_entries: gauge(
                 "storage_log_entries",
-                "Entries in the stored raft log (it grows until log compaction exists).",
+                "Entries in the stored raft log (after the compaction point).",
+            ),
+            snapshot_index: gauge(
+                "storage_snapshot_index",
+                "The log's compaction point: entries up to it live only in snapshots.",
+            ),
+            snapshots_sent: counter(
+                "raft_snapshots_sent_total",
+                "Snapshots this node sent to followers (as leader).",
+            ),
+            snapshots_installed: counter(
+                "raft_snapshots_installed_total",
+                "Snapshots this node downloaded and installed.",
             ),
             applies: counters(
                 "wasm_applies_total",
@@ -197,6 +212,9 @@ impl Metrics {
             Box::new(m.storage_write_seconds.clone()),
             Box::new(m.log_last_index.clone()),
             Box::new(m.log_entries.clone()),
+            Box::new(m.snapshot_index.clone()),
+            Box::new(m.snapshots_sent.clone()),
+            Box::new(m.snapshots_installed.clone()),
             Box::new(m.applies.clone()),
             Box::new(m.traps.clone()),
             Box::new(m.fuel_used.clone()),

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -17,6 +18,8 @@ use crate::service::{derive_cluster_id, ClientService, NodeContext};
 use crate::storage::{self, NodeIdentity};
 use crate::transport::{Membership, PeerService, Transport};
 use crate::wasm::{Limits, Runtime};
+use wraft_proto::client::{member_change, MemberChange};
+use wraft_proto::peer::PeerRecord;
 
 /// Requests queued for the Raft loop before new ones get `RESOURCE_EXHAUSTED`.
 const RAFT_INBOX: usize = 65_536;
@@ -41,6 +44,64 @@ pub struct NodeConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// TLS for the port and for dialing peers and the leader (mutual TLS); `None`: plain text.
     pub tls: Option<crate::tls::NodeTls>,
+    /// Client access control (tokens); off unless the node was given the cluster auth secret.
+    pub auth: crate::auth::Auth,
+    /// Members to ask for admission (`--join`): the node registers as a learner of their
+    /// cluster instead of starting one from `peers`.
+    pub join: Vec<String>,
+    /// With `join`: ask to become a voter once caught up.
+    pub auto_promote: bool,
+    /// The token `join` presents (an admin token when the cluster has auth on).
+    pub token: Option<String>,
+    /// Compact the log every this many applied entries (0: never).
+    pub snapshot_entries: u64,
+    /// Bytes of state per snapshot chunk on the wire.
+    pub snapshot_chunk_bytes: usize,
+}
+
+/// Default for [`NodeConfig::snapshot_entries`].
+pub const DEFAULT_SNAPSHOT_ENTRIES: u64 = 20_000;
+
+/// How close to the leader's commit index a learner must be before it asks to become a voter.
+const PROMOTE_LAG: u64 = 100;
+
+/// A node that joined as a learner asks to become a voter once it has caught up: its applied
+/// index within [`PROMOTE_LAG`] of the commit index it learnt from the leader. Retries until it
+/// is a voter; gives up only when the node stops.
+async fn auto_promote(
+    client: crate::client::Client,
+    id: u64,
+    mut status: watch::Receiver<RaftStatus>,
+    view: crate::apply::SharedView,
+) {
+    loop {
+        let (learner, voter, commit) = {
+            let s = status.borrow_and_update();
+            (s.learners.contains(&id), s.voters.contains(&id), s.commit)
+        };
+        if voter {
+            return;
+        }
+        let applied = view.read().map(|v| v.applied).unwrap_or(0);
+        if learner && commit > 0 && applied + PROMOTE_LAG >= commit {
+            let promote = MemberChange {
+                kind: member_change::Kind::Promote as i32,
+                id,
+                ..Default::default()
+            };
+            match client.change_members(vec![promote]).await {
+                Ok(r) => {
+                    tracing::info!(index = r.index, "caught up: promoted to voter");
+                    return;
+                }
+                Err(err) => tracing::info!(%err, "asking to become a voter failed; retrying"),
+            }
+        }
+        let changed = tokio::time::timeout(Duration::from_millis(500), status.changed()).await;
+        if matches!(changed, Ok(Err(_))) {
+            return;
+        }
+    }
 }
 
 /// Runs a node until `shutdown` resolves or a fatal error stops it.
@@ -51,14 +112,55 @@ pub async fn run(
     if config.id == 0 {
         bail!("node id must be at least 1");
     }
-    if !config.peers.contains_key(&config.id) {
+    let joining = !config.join.is_empty();
+    if !joining && !config.peers.contains_key(&config.id) {
         bail!("--peers must include this node's own id {}", config.id);
     }
-    let cluster_id = derive_cluster_id(&config.peers);
+    let advertise = config
+        .peers
+        .get(&config.id)
+        .cloned()
+        .unwrap_or_else(|| config.listen.to_string());
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
-    let voters: Vec<u64> = config.peers.keys().copied().collect();
-    let (raft_storage, state_store) = storage::open(
+    let recorded = storage::recorded_identity(&config.data_dir)
+        .with_context(|| format!("read data directory {}", config.data_dir.display()))?;
+    let join_client = joining.then(|| {
+        crate::client::Client::new(config.join.clone())
+            .with_tls(config.tls.as_ref().map(|t| t.client.clone()))
+            .with_token(config.token.as_deref())
+    });
+    let join_client = match join_client {
+        Some(c) => Some(c.map_err(|e| anyhow::anyhow!("--token: {e}"))?),
+        None => None,
+    };
+    let (cluster_id, voters, join_members) = match (&join_client, recorded) {
+        // A node that joined before restarts from its own records (keep --join on its command
+        // line: without it, the cluster id derived from --peers would not match and the
+        // directory is refused, as a directory of another cluster must be).
+        (Some(_), Some(identity)) => (identity.cluster_id, Vec::new(), None),
+        (Some(client), None) => {
+            let status = client
+                .status()
+                .await
+                .map_err(|e| anyhow::anyhow!("--join: cannot reach the cluster: {e}"))?;
+            let cluster_id = u64::from_str_radix(&status.cluster_id, 16)
+                .with_context(|| format!("--join: bad cluster id {:?}", status.cluster_id))?;
+            if status.members.iter().any(|m| m.id == config.id) {
+                bail!(
+                    "--join: node id {} is already a member of that cluster; a node that lost its data must join with a new id (remove the old one with `wraft member remove {}`)",
+                    config.id, config.id
+                );
+            }
+            (cluster_id, Vec::new(), Some(status.members))
+        }
+        (None, _) => (
+            derive_cluster_id(&config.peers),
+            config.peers.keys().copied().collect(),
+            None,
+        ),
+    };
+    let (mut raft_storage, state_store) = storage::open(
         &config.data_dir,
         NodeIdentity {
             cluster_id,
@@ -67,12 +169,64 @@ pub async fn run(
         &voters,
     )
     .with_context(|| format!("open data directory {}", config.data_dir.display()))?;
+    let incarnation = raft_storage.incarnation();
+    if raft_storage.peers().is_none() {
+        // First start: the book comes from --peers, or from the cluster being joined.
+        let mut book = crate::members::Book::new();
+        let listed: Vec<(u64, String)> = match &join_members {
+            Some(members) => members.iter().map(|m| (m.id, m.addr.clone())).collect(),
+            None => config.peers.clone().into_iter().collect(),
+        };
+        for (id, addr) in listed {
+            book.insert(
+                id,
+                PeerRecord {
+                    id,
+                    addr,
+                    incarnation: 0,
+                },
+            );
+        }
+        book.insert(
+            config.id,
+            PeerRecord {
+                id: config.id,
+                addr: advertise.clone(),
+                incarnation,
+            },
+        );
+        raft_storage
+            .set_peers(&crate::members::to_proto(&book))
+            .context("record the address book")?;
+    }
+    if let Some(client) = &join_client {
+        if join_members.is_some() {
+            let added = client
+                .change_members(vec![MemberChange {
+                    kind: member_change::Kind::AddLearner as i32,
+                    id: config.id,
+                    addr: advertise.clone(),
+                    incarnation,
+                }])
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("--join: the cluster refused to add this node: {e}")
+                })?;
+            tracing::info!(index = added.index, "joined the cluster as a learner");
+        }
+    }
+    let members: crate::members::SharedMembers = Arc::new(RwLock::new(
+        raft_storage
+            .peers()
+            .map(crate::members::from_proto)
+            .unwrap_or_default(),
+    ));
 
     let runtime = Runtime::new().context("start the wasm runtime")?;
     let limits = Limits::default();
     let view = Arc::new(RwLock::new(AppliedView::default()));
     let modules = Arc::new(Mutex::new(HashMap::new()));
-    let (stage, replay_from) = ApplyStage::open(
+    let (mut stage, replay_from) = ApplyStage::open(
         runtime.clone(),
         limits.clone(),
         state_store,
@@ -87,8 +241,9 @@ pub async fn run(
         election_tick: ELECTION_TICKS,
         heartbeat_tick: HEARTBEAT_TICKS,
         // Raft must deliver again what the tenants' checkpoints do not cover; it cannot be
-        // asked to start past its own commit index.
-        applied: replay_from.min(hard_state.commit),
+        // asked to start past its own commit index, nor before the compaction point.
+        applied: ApplyStage::start_index(replay_from, raft_storage.snapshot_index())
+            .min(hard_state.commit.max(raft_storage.snapshot_index())),
         max_size_per_msg: 1 << 20,
         max_inflight_msgs: 256,
         check_quorum: true,
@@ -97,17 +252,42 @@ pub async fn run(
     };
     raft_config.validate().context("raft configuration")?;
     let logger = crate::logging::raft_logger();
+    let state_store = stage.store();
     let raw = RawNode::new(&raft_config, raft_storage, &logger).context("start raft")?;
 
     let (raft_tx, raft_rx) = crossbeam_channel::bounded(RAFT_INBOX);
     let (apply_tx, apply_rx) = crossbeam_channel::unbounded();
     let (status_tx, status_rx) = watch::channel(RaftStatus::default());
-    let members: Arc<HashMap<u64, String>> = Arc::new(config.peers.clone().into_iter().collect());
-    let mut dial: HashMap<u64, String> = config.peers.clone().into_iter().collect();
-    dial.extend(config.dial.clone());
-    let dial = Arc::new(dial);
+    let dial: Arc<HashMap<u64, String>> = Arc::new(config.dial.clone().into_iter().collect());
     let peer_tls = config.tls.as_ref().map(|t| t.client.clone());
-    let transport = Transport::start(cluster_id, config.id, &dial, raft_tx.clone(), peer_tls);
+    let transport = Transport::new(
+        cluster_id,
+        config.id,
+        incarnation,
+        raft_tx.clone(),
+        peer_tls.clone(),
+        dial.clone(),
+    );
+    if let Ok(book) = members.read() {
+        transport.set_peers(&book.iter().map(|(id, r)| (*id, r.addr.clone())).collect());
+    }
+    let compacted = Arc::new(AtomicU64::new(0));
+    let generation = Arc::new(AtomicU64::new(0));
+    stage.compact_every(
+        config.snapshot_entries,
+        raw.store().snapshot_index(),
+        raft_tx.clone(),
+    );
+    let snapshots = crate::snapshot::Receiver::new(
+        cluster_id,
+        config.id,
+        state_store.clone(),
+        members.clone(),
+        dial.clone(),
+        peer_tls,
+        raft_tx.clone(),
+        generation.clone(),
+    );
     let stale_reads = std::env::var_os(STALE_READS_ENV).is_some_and(|v| v == "1");
     if stale_reads {
         tracing::warn!("{STALE_READS_ENV}=1: linearizable reads are served from local state WITHOUT ReadIndex; for testing the checker only");
@@ -126,6 +306,9 @@ pub async fn run(
         transport,
         status_tx,
         applied,
+        members.clone(),
+        compacted.clone(),
+        generation,
     );
     let raft_thread = std::thread::Builder::new()
         .name("raft".into())
@@ -137,6 +320,8 @@ pub async fn run(
         })
         .context("spawn the raft thread")?;
 
+    let status_rx_for_promote = status_rx.clone();
+    let view_for_promote = view.clone();
     let ctx = Arc::new(NodeContext {
         id: config.id,
         cluster_id,
@@ -146,13 +331,23 @@ pub async fn run(
         view,
         members: members.clone(),
         dial,
+        snapshot_progress: snapshots.progress.clone(),
         stale_reads_as_linearizable: stale_reads,
         runtime,
         limits,
         modules,
         request_timeout: config.request_timeout,
         tls: config.tls.as_ref().map(|t| t.client.clone()),
+        auth: config.auth.clone(),
     });
+    if let (Some(client), true) = (join_client, config.auto_promote) {
+        tokio::spawn(auto_promote(
+            client,
+            config.id,
+            status_rx_for_promote,
+            view_for_promote,
+        ));
+    }
     let (stopping_tx, stopping_rx) = watch::channel(false);
     let peer_service = PeerService::new(
         Membership {
@@ -162,9 +357,13 @@ pub async fn run(
         },
         raft_tx.clone(),
         stopping_rx,
+        snapshots,
+        state_store,
+        config.snapshot_chunk_bytes,
+        compacted,
     )
     .require_peer_certificates(config.tls.is_some());
-    tracing::info!(id = config.id, listen = %config.listen, cluster = format!("{cluster_id:016x}"), data_dir = %config.data_dir.display(), security = config.tls.as_ref().map_or("plain text: no TLS", |t| t.describe()), "wraft node starting");
+    tracing::info!(id = config.id, listen = %config.listen, cluster = format!("{cluster_id:016x}"), data_dir = %config.data_dir.display(), security = config.tls.as_ref().map_or("plain text: no TLS", |t| t.describe()), auth = config.auth.describe(), "wraft node starting");
 
     // Metrics get a port of their own so scraping never competes with client or peer traffic.
     let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();

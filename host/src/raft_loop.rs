@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
+use raft::eraftpb::{
+    ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message,
+};
 use raft::{RawNode, StateRole};
 use tokio::sync::{oneshot, watch};
 use wraft_proto::log::{LogEntry, Op};
@@ -63,8 +65,38 @@ pub enum RaftInput {
     },
     /// On the leader: each other member's replication progress (empty elsewhere).
     Progress(oneshot::Sender<Vec<wraft_proto::client::FollowerProgress>>),
+    /// From the apply stage: every tenant's checkpoint covers the log up to `index`, so the log
+    /// may be compacted up to there.
+    Compact { index: u64 },
+    /// From the snapshot receiver: the state `msg` (a `MsgSnapshot`) refers to is staged under
+    /// `generation`; raft may now take the message and install it.
+    SnapshotStaged { msg: Message, generation: u64 },
+    /// From the peer service: a snapshot stream to `to` ended (`complete`: every chunk left).
+    SnapshotSent { to: u64, complete: bool },
+    /// From the peer service: the first stream of initial member `id` named its incarnation.
+    LearnIncarnation { id: u64, incarnation: u64 },
+    /// On the leader: change membership (one ConfChangeV2). Answered once the change applies.
+    ChangeMembers {
+        changes: Vec<wraft_proto::client::MemberChange>,
+        reply: oneshot::Sender<Result<MembersChanged, Error>>,
+    },
     /// Stop the loop.
     Shutdown,
+}
+
+/// A membership change that applied: its index and the configuration after it.
+#[derive(Debug, Clone)]
+pub struct MembersChanged {
+    pub index: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+}
+
+/// A membership change proposed and not yet applied.
+struct PendingConf {
+    index: u64,
+    term: u64,
+    reply: oneshot::Sender<Result<MembersChanged, Error>>,
 }
 
 /// An op to replicate, with the channel its result goes to.
@@ -85,6 +117,8 @@ pub struct RaftStatus {
     pub commit: u64,
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
+    /// The log's compaction point: entries up to it live only in snapshots.
+    pub snapshot_index: u64,
 }
 
 /// A node's role, as clients see it.
@@ -119,7 +153,26 @@ pub struct RaftLoop {
     /// [`MAX_APPLY_BACKLOG`], so a slow module slows its clients instead of growing memory.
     applied: Arc<AtomicU64>,
     handed: u64,
+    /// The address book (this loop is its only writer).
+    members: crate::members::SharedMembers,
+    /// The conf state after each conf change since the compaction point (and at it): a
+    /// compaction records the configuration at its index.
+    conf_history: Vec<(u64, ConfState)>,
+    pending_conf: Option<PendingConf>,
+    /// The snapshot staged for raft to install: (index, generation).
+    staged: Option<(u64, u64)>,
+    /// On the leader: snapshots sent, by follower, with when; a transfer that stalls is
+    /// reported failed so raft sends a new one (raft-rs would otherwise wait forever).
+    snapshots_out: HashMap<u64, Instant>,
+    /// Shared with the peer service (which serves snapshots up to it) and the snapshot
+    /// receiver (which stages into the next generation).
+    compacted: Arc<AtomicU64>,
+    generation: Arc<AtomicU64>,
 }
+
+/// How long a snapshot transfer to a follower may go without finishing before raft is told it
+/// failed (and sends another).
+const SNAPSHOT_STALL: Duration = Duration::from_secs(60);
 
 struct PendingRead {
     issued: Instant,
@@ -127,6 +180,7 @@ struct PendingRead {
 }
 
 impl RaftLoop {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         raw: RawNode<RaftStorage>,
         inbox: Receiver<RaftInput>,
@@ -134,9 +188,25 @@ impl RaftLoop {
         transport: Transport,
         status: watch::Sender<RaftStatus>,
         applied: Arc<AtomicU64>,
+        members: crate::members::SharedMembers,
+        compacted: Arc<AtomicU64>,
+        generation: Arc<AtomicU64>,
     ) -> Self {
         let ids = ProposalIds::new(raw.raft.id);
         let handed = applied.load(Ordering::Acquire);
+        let store = raw.store();
+        let mut conf_history = Vec::new();
+        if store.snapshot_index() > 0 {
+            if let Ok(snapshot) = raft::Storage::snapshot(store, 0, 0) {
+                conf_history.push((
+                    store.snapshot_index(),
+                    snapshot.get_metadata().get_conf_state().clone(),
+                ));
+            }
+        }
+        conf_history.push((store.conf_applied(), store.conf_state()));
+        compacted.store(store.snapshot_index(), Ordering::Release);
+        generation.store(store.generation(), Ordering::Release);
         Self {
             raw,
             inbox,
@@ -150,6 +220,13 @@ impl RaftLoop {
             membership_changed: true,
             applied,
             handed,
+            members,
+            conf_history,
+            pending_conf: None,
+            staged: None,
+            snapshots_out: HashMap::new(),
+            compacted,
+            generation,
         }
     }
 
@@ -180,6 +257,24 @@ impl RaftLoop {
                             RaftInput::Progress(reply) => {
                                 let _ = reply.send(self.progress());
                             }
+                            RaftInput::Compact { index } => self.compact(index)?,
+                            RaftInput::SnapshotStaged { msg, generation } => {
+                                self.staged =
+                                    Some((msg.get_snapshot().get_metadata().index, generation));
+                                self.step(msg);
+                            }
+                            RaftInput::SnapshotSent { to, complete } => {
+                                if !complete {
+                                    self.snapshots_out.remove(&to);
+                                    self.raw.report_snapshot(to, raft::SnapshotStatus::Failure);
+                                }
+                            }
+                            RaftInput::LearnIncarnation { id, incarnation } => {
+                                self.learn_incarnation(id, incarnation)?
+                            }
+                            RaftInput::ChangeMembers { changes, reply } => {
+                                self.change_members(changes, reply)
+                            }
                             RaftInput::Shutdown => self.begin_shutdown(),
                         }
                         taken += 1;
@@ -200,6 +295,7 @@ impl RaftLoop {
                     next_tick = Instant::now() + TICK;
                 }
                 self.retry_reads();
+                self.check_snapshot_transfers();
             }
             self.propose(proposals);
             self.read_index(reads);
@@ -454,16 +550,18 @@ impl RaftLoop {
         //    appends and heartbeats): the leader writes its log in parallel with its followers,
         //    which is safe because an entry counts for the leader only once persisted locally.
         if !ready.messages().is_empty() {
-            self.transport.send(ready.take_messages());
+            let messages = ready.take_messages();
+            self.note_snapshots_sent(&messages);
+            self.transport.send(messages);
         }
 
-        // 2. Apply an incoming snapshot. Log compaction, and so snapshot transfer, is not built
-        //    yet: the transport refuses MsgSnapshot, so a Ready never carries one. If one ever
-        //    did, storage could not install it: stop rather than run on a log with a hole.
+        // 2. Apply an incoming snapshot, before the committed entries that follow it. Its state
+        //    was downloaded and staged before raft saw the message (see `snapshot`); installing
+        //    is one synced write of the raft metadata, the hard state and the switch to the
+        //    staged state. Then the apply stage is told, in order, to load it.
         if !ready.snapshot().is_empty() {
-            return Err(crate::storage::StorageError::Corrupt(
-                "received a raft snapshot, which this build cannot install".into(),
-            ));
+            let snapshot = ready.snapshot().clone();
+            self.install_snapshot(&snapshot, ready.hs())?;
         }
 
         // 3. Hand committed entries to the apply stage. They are already persisted (raft-rs only
@@ -509,7 +607,9 @@ impl RaftLoop {
             self.raw.mut_store().set_commit(commit)?;
         }
         if !light.messages().is_empty() {
-            self.transport.send(light.take_messages());
+            let messages = light.take_messages();
+            self.note_snapshots_sent(&messages);
+            self.transport.send(messages);
         }
         self.handle_committed(light.take_committed_entries());
         self.raw.advance_apply();
@@ -523,35 +623,407 @@ impl RaftLoop {
             return;
         }
         for entry in &entries {
-            let result = match entry.get_entry_type() {
-                EntryType::EntryConfChange => protobuf::Message::parse_from_bytes(entry.get_data())
-                    .map_err(|e| e.to_string())
-                    .and_then(|cc: ConfChange| {
-                        self.raw.apply_conf_change(&cc).map_err(|e| e.to_string())
-                    }),
-                EntryType::EntryConfChangeV2 => {
-                    protobuf::Message::parse_from_bytes(entry.get_data())
-                        .map_err(|e| e.to_string())
-                        .and_then(|cc: ConfChangeV2| {
-                            self.raw.apply_conf_change(&cc).map_err(|e| e.to_string())
-                        })
-                }
-                EntryType::EntryNormal => continue,
-            };
-            match result {
-                Ok(cs) => {
-                    self.membership_changed = true;
-                    if let Err(err) = self.raw.mut_store().set_conf_state(&cs) {
-                        tracing::error!(%err, "persisting the conf state failed");
+            match entry.get_entry_type() {
+                EntryType::EntryNormal => {
+                    // raft-rs turns a conf change it refuses (one is pending, or the
+                    // configuration is joint) into an empty normal entry at the same index.
+                    if self
+                        .pending_conf
+                        .as_ref()
+                        .is_some_and(|p| p.index == entry.index)
+                    {
+                        if let Some(p) = self.pending_conf.take() {
+                            let _ = p.reply.send(Err(Error::FailedPrecondition(
+                                "raft refused the membership change: another change is still in progress (or the configuration is joint); retry when it has applied".into(),
+                            )));
+                        }
                     }
                 }
-                Err(err) => tracing::warn!(index = entry.index, %err, "conf change not applied"),
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    self.apply_conf_entry(entry)
+                }
             }
         }
         if let Some(last) = entries.last() {
             self.handed = last.index;
         }
         let _ = self.apply.send(ApplyInput::Committed(entries));
+    }
+
+    /// Applies one committed conf change to raft and records it with the address book it
+    /// implies. A restart delivers committed entries again: one already applied is skipped.
+    fn apply_conf_entry(&mut self, entry: &Entry) {
+        if entry.index <= self.raw.store().conf_applied() {
+            return;
+        }
+        let parsed: Result<ConfChangeV2, String> =
+            if entry.get_entry_type() == EntryType::EntryConfChange {
+                protobuf::Message::parse_from_bytes(entry.get_data())
+                    .map(|cc: ConfChange| {
+                        // A v1 change (none are proposed by wraft, but raft-rs accepts them) as v2.
+                        let mut single = raft::eraftpb::ConfChangeSingle::default();
+                        single.set_change_type(cc.get_change_type());
+                        single.node_id = cc.node_id;
+                        let mut v2 = ConfChangeV2::default();
+                        v2.set_changes(vec![single].into());
+                        v2.set_context(cc.get_context().to_vec().into());
+                        v2
+                    })
+                    .map_err(|e| e.to_string())
+            } else {
+                protobuf::Message::parse_from_bytes(entry.get_data()).map_err(|e| e.to_string())
+            };
+        let result = parsed.and_then(|cc| {
+            let cs = self.raw.apply_conf_change(&cc).map_err(|e| e.to_string())?;
+            Ok((cc, cs))
+        });
+        let pending = self.pending_conf.take_if(|p| p.index == entry.index);
+        match result {
+            Ok((cc, cs)) => {
+                crate::crashpoint::hit("conf-change-applied");
+                let book = self.book_after(&cc);
+                if let Err(err) = self.raw.mut_store().set_conf_state(
+                    &cs,
+                    entry.index,
+                    &crate::members::to_proto(&book),
+                ) {
+                    tracing::error!(%err, "persisting the conf state failed");
+                }
+                self.adopt_book(book);
+                self.conf_history.push((entry.index, cs.clone()));
+                self.membership_changed = true;
+                tracing::info!(index = entry.index, voters = ?cs.voters, learners = ?cs.learners, joint = !cs.voters_outgoing.is_empty(), "membership changed");
+                if let Some(p) = pending {
+                    let answer = if p.term == entry.term {
+                        Ok(MembersChanged {
+                            index: entry.index,
+                            voters: cs.voters.clone(),
+                            learners: cs.learners.clone(),
+                        })
+                    } else {
+                        Err(Error::Superseded { index: entry.index })
+                    };
+                    let _ = p.reply.send(answer);
+                }
+                let me = self.raw.raft.id;
+                let still_voter = cs.voters.contains(&me) || cs.voters_outgoing.contains(&me);
+                if !still_voter && self.raw.raft.state == StateRole::Leader {
+                    // A removed leader hands over rather than lead a group it is not part of.
+                    if let Some(to) = self.most_caught_up_voter() {
+                        tracing::info!(to, "this leader was removed; transferring leadership");
+                        self.raw.transfer_leader(to);
+                    }
+                }
+                if !cs.voters.contains(&me)
+                    && !cs.learners.contains(&me)
+                    && !cs.voters_outgoing.contains(&me)
+                {
+                    tracing::warn!(
+                        "this node was removed from the cluster; it no longer takes part (stop it)"
+                    );
+                }
+            }
+            Err(err) => {
+                tracing::warn!(index = entry.index, %err, "conf change not applied");
+                if let Some(p) = pending {
+                    let _ = p.reply.send(Err(Error::FailedPrecondition(format!(
+                        "membership change refused: {err}"
+                    ))));
+                }
+            }
+        }
+    }
+
+    /// The address book after `cc`: added nodes come with their record in the context.
+    fn book_after(&self, cc: &ConfChangeV2) -> crate::members::Book {
+        let mut book = self.members.read().map(|b| b.clone()).unwrap_or_default();
+        let context = <wraft_proto::peer::PeerBook as prost::Message>::decode(cc.get_context())
+            .unwrap_or_default();
+        for change in cc.get_changes() {
+            match change.get_change_type() {
+                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                    if let Some(record) = context.peers.iter().find(|p| p.id == change.node_id) {
+                        book.insert(change.node_id, record.clone());
+                    }
+                }
+                ConfChangeType::RemoveNode => {
+                    book.remove(&change.node_id);
+                }
+            }
+        }
+        book
+    }
+
+    /// Publishes a new address book to the rest of the node and the transport.
+    fn adopt_book(&mut self, book: crate::members::Book) {
+        let addrs: std::collections::BTreeMap<u64, String> =
+            book.iter().map(|(id, r)| (*id, r.addr.clone())).collect();
+        self.transport.set_peers(&addrs);
+        if let Ok(mut shared) = self.members.write() {
+            *shared = book;
+        }
+    }
+
+    fn learn_incarnation(
+        &mut self,
+        id: u64,
+        incarnation: u64,
+    ) -> Result<(), crate::storage::StorageError> {
+        let mut book = self.members.read().map(|b| b.clone()).unwrap_or_default();
+        match book.get_mut(&id) {
+            Some(record) if record.incarnation == 0 => record.incarnation = incarnation,
+            _ => return Ok(()),
+        }
+        self.raw
+            .mut_store()
+            .set_peers(&crate::members::to_proto(&book))?;
+        if let Ok(mut shared) = self.members.write() {
+            *shared = book;
+        }
+        Ok(())
+    }
+
+    /// Proposes one ConfChangeV2 for `changes` (several at once enter a joint configuration,
+    /// which raft-rs leaves by itself).
+    fn change_members(
+        &mut self,
+        changes: Vec<wraft_proto::client::MemberChange>,
+        reply: oneshot::Sender<Result<MembersChanged, Error>>,
+    ) {
+        use wraft_proto::client::member_change::Kind;
+        if self.raw.raft.state != StateRole::Leader {
+            let _ = reply.send(Err(Error::NotLeader {
+                leader: self.raw.raft.leader_id,
+            }));
+            return;
+        }
+        if self.stopping.is_some() {
+            let _ = reply.send(Err(Error::ShuttingDown));
+            return;
+        }
+        if self.pending_conf.is_some() || self.raw.raft.has_pending_conf() {
+            let _ = reply.send(Err(Error::FailedPrecondition(
+                "another membership change is still in progress; retry when it has applied".into(),
+            )));
+            return;
+        }
+        let conf = self.raw.raft.prs().conf().to_conf_state();
+        if !conf.voters_outgoing.is_empty() {
+            let _ = reply.send(Err(Error::FailedPrecondition(
+                "the configuration is joint (a change is being completed); retry shortly".into(),
+            )));
+            return;
+        }
+        let mut singles = Vec::new();
+        let mut context = wraft_proto::peer::PeerBook::default();
+        let mut voters_after: std::collections::BTreeSet<u64> =
+            conf.voters.iter().copied().collect();
+        for change in &changes {
+            let id = change.id;
+            let kind = Kind::try_from(change.kind).unwrap_or(Kind::AddLearner);
+            let is_member = conf.voters.contains(&id) || conf.learners.contains(&id);
+            let invalid = |why: String| Error::InvalidArgument(why);
+            let checked = if id == 0 {
+                Err(invalid("node id 0 is reserved".into()))
+            } else {
+                match kind {
+                    Kind::AddLearner | Kind::AddVoter if !is_member && change.addr.is_empty() => {
+                        Err(invalid(format!("adding node {id} needs its address")))
+                    }
+                    Kind::AddLearner if conf.voters.contains(&id) => {
+                        Err(invalid(format!("node {id} is already a voter")))
+                    }
+                    Kind::Promote if !conf.learners.contains(&id) => {
+                        Err(invalid(format!("node {id} is not a learner")))
+                    }
+                    Kind::Remove if !is_member => {
+                        Err(invalid(format!("node {id} is not a member")))
+                    }
+                    _ => Ok(()),
+                }
+            };
+            if let Err(err) = checked {
+                let _ = reply.send(Err(err));
+                return;
+            }
+            let mut single = raft::eraftpb::ConfChangeSingle {
+                node_id: id,
+                ..Default::default()
+            };
+            match kind {
+                Kind::AddLearner => single.set_change_type(ConfChangeType::AddLearnerNode),
+                Kind::AddVoter | Kind::Promote => {
+                    single.set_change_type(ConfChangeType::AddNode);
+                    voters_after.insert(id);
+                }
+                Kind::Remove => {
+                    single.set_change_type(ConfChangeType::RemoveNode);
+                    voters_after.remove(&id);
+                }
+            }
+            if matches!(kind, Kind::AddLearner | Kind::AddVoter) && !change.addr.is_empty() {
+                context.peers.push(wraft_proto::peer::PeerRecord {
+                    id,
+                    addr: change.addr.clone(),
+                    incarnation: change.incarnation,
+                });
+            }
+            singles.push(single);
+        }
+        if singles.is_empty() {
+            let _ = reply.send(Err(Error::InvalidArgument(
+                "no membership change given".into(),
+            )));
+            return;
+        }
+        if voters_after.is_empty() {
+            let _ = reply.send(Err(Error::InvalidArgument(
+                "the change would leave the cluster without voters".into(),
+            )));
+            return;
+        }
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(singles.into());
+        match self
+            .raw
+            .propose_conf_change(prost::Message::encode_to_vec(&context), cc)
+        {
+            Ok(()) => {
+                self.pending_conf = Some(PendingConf {
+                    index: self.raw.raft.raft_log.last_index(),
+                    term: self.raw.raft.term,
+                    reply,
+                });
+            }
+            Err(err) => {
+                let _ = reply.send(Err(Error::FailedPrecondition(format!(
+                    "membership change refused: {err}"
+                ))));
+            }
+        }
+    }
+
+    /// Compacts the log up to `index` (see [`RaftInput::Compact`]), recording the configuration
+    /// at that index for snapshots.
+    fn compact(&mut self, index: u64) -> Result<(), crate::storage::StorageError> {
+        let index = index.min(self.raw.raft.raft_log.applied);
+        if index <= self.raw.store().snapshot_index() {
+            return Ok(());
+        }
+        let Some(conf) = self
+            .conf_history
+            .iter()
+            .rev()
+            .find(|(at, _)| *at <= index)
+            .map(|(_, cs)| cs.clone())
+        else {
+            tracing::warn!(
+                index,
+                "no configuration known at the compaction point; not compacting"
+            );
+            return Ok(());
+        };
+        self.raw.mut_store().compact(index, &conf)?;
+        crate::crashpoint::hit("compacted");
+        // Keep the configuration in force at the compaction point and every later one.
+        let keep_from = self
+            .conf_history
+            .iter()
+            .rposition(|(at, _)| *at <= index)
+            .unwrap_or(0);
+        self.conf_history.drain(..keep_from);
+        self.compacted.store(index, Ordering::Release);
+        METRICS.snapshot_index.set(index as i64);
+        tracing::debug!(index, "log compacted");
+        Ok(())
+    }
+
+    /// Step 2 of a Ready: installs a snapshot whose state was staged.
+    fn install_snapshot(
+        &mut self,
+        snapshot: &raft::eraftpb::Snapshot,
+        hard_state: Option<&raft::eraftpb::HardState>,
+    ) -> Result<(), crate::storage::StorageError> {
+        let index = snapshot.get_metadata().index;
+        let generation = match self.staged.take() {
+            Some((staged, generation)) if staged == index => generation,
+            other => {
+                return Err(crate::storage::StorageError::Invalid(format!(
+                    "raft installs snapshot {index} but the staged one is {other:?}"
+                )))
+            }
+        };
+        crate::crashpoint::hit("snapshot-installing");
+        self.raw
+            .mut_store()
+            .apply_snapshot(snapshot, hard_state, generation)?;
+        crate::crashpoint::hit("snapshot-installed");
+        let book = self
+            .raw
+            .store()
+            .peers()
+            .map(crate::members::from_proto)
+            .unwrap_or_default();
+        self.adopt_book(book);
+        let cs = snapshot.get_metadata().get_conf_state().clone();
+        self.conf_history = vec![(index, cs)];
+        self.membership_changed = true;
+        self.compacted.store(index, Ordering::Release);
+        self.generation.store(generation, Ordering::Release);
+        self.handed = index;
+        METRICS.snapshot_index.set(index as i64);
+        METRICS.snapshots_installed.inc();
+        tracing::info!(
+            index,
+            term = snapshot.get_metadata().term,
+            "installed a snapshot from the leader"
+        );
+        let _ = self
+            .apply
+            .send(ApplyInput::InstallSnapshot { index, generation });
+        Ok(())
+    }
+
+    fn note_snapshots_sent(&mut self, messages: &[Message]) {
+        for m in messages {
+            if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                tracing::info!(
+                    to = m.to,
+                    index = m.get_snapshot().get_metadata().index,
+                    "sending a snapshot"
+                );
+                METRICS.snapshots_sent.inc();
+                self.snapshots_out.insert(m.to, Instant::now());
+            }
+        }
+    }
+
+    /// Forgets transfers the follower has acknowledged, and reports stalled ones as failed so
+    /// raft sends another snapshot.
+    fn check_snapshot_transfers(&mut self) {
+        if self.snapshots_out.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut failed = Vec::new();
+        let prs = self.raw.raft.prs();
+        self.snapshots_out.retain(|id, since| {
+            let waiting = prs
+                .get(*id)
+                .is_some_and(|pr| pr.state == raft::ProgressState::Snapshot);
+            if waiting && now.duration_since(*since) > SNAPSHOT_STALL {
+                failed.push(*id);
+                return false;
+            }
+            waiting
+        });
+        for id in failed {
+            tracing::warn!(
+                to = id,
+                "a snapshot transfer stalled; raft will send another"
+            );
+            self.raw.report_snapshot(id, raft::SnapshotStatus::Failure);
+        }
     }
 
     /// Republishes what changed. Runs every iteration, so it allocates only when membership
@@ -567,6 +1039,7 @@ impl RaftLoop {
         };
         let (id, leader, term, commit) =
             (raft.id, raft.leader_id, raft.term, raft.raft_log.committed);
+        let snapshot_index = self.raw.store().snapshot_index();
         let members = std::mem::take(&mut self.membership_changed).then(|| {
             let conf = raft.prs().conf();
             let mut voters: Vec<u64> = conf.voters().ids().iter().collect();
@@ -589,7 +1062,8 @@ impl RaftLoop {
                 || current.role != role
                 || current.leader != leader
                 || current.term != term
-                || current.commit != commit;
+                || current.commit != commit
+                || current.snapshot_index != snapshot_index;
             if !scalars_changed && members.is_none() {
                 return false;
             }
@@ -611,6 +1085,7 @@ impl RaftLoop {
             current.leader = leader;
             current.term = term;
             current.commit = commit;
+            current.snapshot_index = snapshot_index;
             if let Some((voters, learners)) = members {
                 current.voters = voters;
                 current.learners = learners;

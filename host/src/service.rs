@@ -1,8 +1,9 @@
 //! The client API (`Wraft` gRPC service): decode, validate, route, act, encode.
 //!
-//! Every request is checked (tenant name, sizes) before anything is proposed. Writes and
-//! linearizable reads run on the leader: a follower forwards them over gRPC, so the leader
-//! builds every log entry. Every path answers within a bounded time: no leader within
+//! Every request's token is checked first (when the node runs with auth, see [`crate::auth`]),
+//! then the request itself (tenant name, sizes), before anything is forwarded or proposed.
+//! Writes and linearizable reads run on the leader: a follower forwards them over gRPC (with
+//! the caller's token, which the leader checks again), so the leader builds every log entry. Every path answers within a bounded time: no leader within
 //! [`LEADER_WAIT`] is a definite `UNAVAILABLE`; a proposal not applied within the request
 //! timeout is an indeterminate `DEADLINE_EXCEEDED`.
 
@@ -22,9 +23,12 @@ use wraft_proto::client::wraft_server::{Wraft, WraftServer};
 use wraft_proto::client::*;
 use wraft_proto::log::{self as wlog, op};
 
+mod membership;
+
 use crate::apply::{
     Applied, ApplyInput, DigestTask, ModuleCache, OpOutcome, QueryTask, SharedView,
 };
+use crate::auth::{Access, Principal};
 use crate::error::{with_outcome, Outcome};
 use crate::limits::*;
 use crate::raft_loop::{Proposal, RaftInput, RaftStatus, Role as RaftRole};
@@ -46,9 +50,12 @@ pub struct NodeContext {
     pub apply: Sender<ApplyInput>,
     pub raft_status: watch::Receiver<RaftStatus>,
     pub view: SharedView,
-    pub members: Arc<HashMap<u64, String>>,
-    /// Where to connect to each member (its address, or a `--dial` override).
+    /// The address book (replicated; the Raft loop updates it on membership changes).
+    pub members: crate::members::SharedMembers,
+    /// Where to connect to a member when it differs from its address (`--dial` overrides).
     pub dial: Arc<HashMap<u64, String>>,
+    /// A snapshot download in progress, for `Status`.
+    pub snapshot_progress: Arc<crate::snapshot::Progress>,
     /// A deliberately broken mode that serves "linearizable" reads from local state, so the
     /// fault tests can show their checker catches stale reads. Never set in production.
     pub stale_reads_as_linearizable: bool,
@@ -58,6 +65,14 @@ pub struct NodeContext {
     pub request_timeout: Duration,
     /// TLS (with this node's own certificate) for forwarding to the leader; `None`: plain text.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Access control: off, or the cluster auth secret every client token is checked against.
+    pub auth: crate::auth::Auth,
+}
+
+tokio::task_local! {
+    /// The caller's `authorization` entry, for the RPC the current task serves (set by
+    /// `ClientService::traced`), so that every forwarded copy carries it.
+    static CALLER_AUTHORIZATION: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>;
 }
 
 /// The `Wraft` service.
@@ -120,7 +135,10 @@ impl ClientService {
             .ctx
             .dial
             .get(&leader)
+            .cloned()
+            .or_else(|| crate::members::addr_of(&self.ctx.members, leader))
             .ok_or_else(|| Error::Internal(format!("leader {leader} has no known address")))?;
+        let addr = addr.as_str();
         let mut cache = self
             .leaders
             .lock()
@@ -159,6 +177,14 @@ impl ClientService {
         if let Ok(value) = tonic::metadata::MetadataValue::try_from(request_id) {
             req.metadata_mut().insert(REQUEST_ID_KEY, value);
         }
+        // The caller's own token goes along and the leader checks it again. Trusting the
+        // forwarding node instead would mean trusting `wraft-forwarded`, which any client can
+        // set (and in plain text nothing proves a request comes from a member): it would let
+        // any client skip the check. Checking twice costs one HMAC.
+        if let Ok(Some(value)) = CALLER_AUTHORIZATION.try_with(Clone::clone) {
+            req.metadata_mut()
+                .insert(crate::auth::AUTHORIZATION_KEY, value);
+        }
         req.set_timeout(self.ctx.request_timeout + Duration::from_secs(1));
         req
     }
@@ -176,7 +202,7 @@ impl ClientService {
         } else {
             Outcome::Indeterminate
         };
-        let addr = self.ctx.members.get(&leader).cloned().unwrap_or_default();
+        let addr = crate::members::addr_of(&self.ctx.members, leader).unwrap_or_default();
         with_outcome(
             Error::Forward {
                 leader,
@@ -306,23 +332,108 @@ fn ensure_request_id<T>(mut req: Request<T>) -> (Request<T>, String) {
     (req, id)
 }
 
-/// Runs a handler inside a span carrying the request id (the client's, or one drawn here) and
-/// records its count, status code and latency: what every RPC does around its own work.
-async fn traced<Req, Resp, F, Fut>(
-    method: &'static str,
-    request: Request<Req>,
-    handler: F,
-) -> Result<Response<Resp>, Status>
-where
-    F: FnOnce(Request<Req>) -> Fut,
-    Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
-{
-    let started = std::time::Instant::now();
-    let (request, id) = ensure_request_id(request);
-    let span = tracing::info_span!("request", method, request_id = %id);
-    let result = handler(request).instrument(span).await;
-    crate::metrics::observe_grpc(method, started, &result);
-    result
+/// What each RPC needs of its caller's token. [`ClientService::traced`] checks it before the
+/// handler runs, so no RPC can skip the check: a new RPC does not compile without an impl here.
+trait Authorize {
+    fn access(&self) -> Access<'_>;
+}
+
+impl Authorize for DeployRequest {
+    /// A tenant's token may deploy (create or upgrade) that tenant: minting a tenant token is
+    /// what grants a tenant its name. Only the admin token deletes it.
+    fn access(&self) -> Access<'_> {
+        Access::Tenant(&self.tenant)
+    }
+}
+
+impl Authorize for ExecRequest {
+    fn access(&self) -> Access<'_> {
+        Access::Tenant(&self.tenant)
+    }
+}
+
+impl Authorize for QueryRequest {
+    fn access(&self) -> Access<'_> {
+        Access::Tenant(&self.tenant)
+    }
+}
+
+impl Authorize for DigestRequest {
+    fn access(&self) -> Access<'_> {
+        Access::Tenant(&self.tenant)
+    }
+}
+
+impl Authorize for StatusRequest {
+    /// Any valid token; a tenant's token sees only its own tenant in the listing.
+    fn access(&self) -> Access<'_> {
+        Access::Any
+    }
+}
+
+impl Authorize for DeleteTenantRequest {
+    fn access(&self) -> Access<'_> {
+        Access::Admin("deleting a tenant")
+    }
+}
+
+impl Authorize for TransferLeaderRequest {
+    fn access(&self) -> Access<'_> {
+        Access::Admin("transferring leadership")
+    }
+}
+
+impl Authorize for ChangeMembersRequest {
+    fn access(&self) -> Access<'_> {
+        Access::Admin("changing membership")
+    }
+}
+
+impl ClientService {
+    /// Runs a handler inside a span carrying the request id (the client's, or one drawn here)
+    /// and records its count, status code and latency: what every RPC does around its own
+    /// work. First of all it checks the caller's token; the handler finds whom it speaks for
+    /// in the request's extensions ([`Principal`]).
+    async fn traced<Req, Resp, F, Fut>(
+        &self,
+        method: &'static str,
+        request: Request<Req>,
+        handler: F,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: Authorize,
+        F: FnOnce(Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let started = std::time::Instant::now();
+        let (mut request, id) = ensure_request_id(request);
+        let span = tracing::info_span!("request", method, request_id = %id);
+        let authorization = crate::auth::authorization_of(request.metadata());
+        let result = async {
+            let checked = self
+                .ctx
+                .auth
+                .check(request.metadata(), request.get_ref().access());
+            match checked {
+                Ok(principal) => {
+                    request.extensions_mut().insert(principal);
+                    CALLER_AUTHORIZATION
+                        .scope(authorization, handler(request))
+                        .await
+                }
+                Err(denied) => {
+                    // Debug, not warn: a client with a stale token could flood the log.
+                    // Refusals are counted by code in the gRPC metrics.
+                    tracing::debug!(%denied, "request refused");
+                    Err(denied.into())
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+        crate::metrics::observe_grpc(method, started, &result);
+        result
+    }
 }
 
 fn is_forwarded<T>(req: &Request<T>) -> bool {
@@ -512,8 +623,12 @@ impl ClientService {
 
     async fn status_inner(
         &self,
-        _request: Request<StatusRequest>,
+        request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        // Listing every tenant is the admin's; a tenant's token sees its own. Without a
+        // principal (cannot happen: `traced` sets it) nothing is listed.
+        let principal = request.extensions().get::<Principal>();
+        let visible = |name: &str| principal.is_some_and(|p| p.may_see(name));
         let raft = self.ctx.raft_status.borrow().clone();
         let followers = if raft.role == RaftRole::Leader {
             self.follower_progress().await
@@ -525,6 +640,7 @@ impl ClientService {
                 v.applied,
                 v.tenants
                     .iter()
+                    .filter(|(name, _)| visible(name))
                     .map(|(name, t)| TenantStatus {
                         name: name.clone(),
                         module_hash: t.module_hash.clone(),
@@ -543,7 +659,7 @@ impl ClientService {
             .chain(raft.learners.iter().map(|id| (id, false)))
             .map(|(id, voter)| Member {
                 id: *id,
-                addr: self.ctx.members.get(id).cloned().unwrap_or_default(),
+                addr: crate::members::addr_of(&self.ctx.members, *id).unwrap_or_default(),
                 voter,
             })
             .collect();
@@ -566,6 +682,18 @@ impl ClientService {
             tenants,
             cluster_id: format!("{:016x}", self.ctx.cluster_id),
             followers,
+            snapshot_index: raft.snapshot_index,
+            first_index: raft.snapshot_index + 1,
+            receiving_snapshot: self
+                .ctx
+                .snapshot_progress
+                .receiving
+                .load(std::sync::atomic::Ordering::Relaxed),
+            snapshot_bytes_received: self
+                .ctx
+                .snapshot_progress
+                .bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
         }))
     }
 
@@ -686,39 +814,42 @@ impl Wraft for ClientService {
         &self,
         request: Request<DeployRequest>,
     ) -> Result<Response<DeployResponse>, Status> {
-        traced("deploy", request, |r| self.deploy_inner(r)).await
+        self.traced("deploy", request, |r| self.deploy_inner(r))
+            .await
     }
 
     async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
-        traced("exec", request, |r| self.exec_inner(r)).await
+        self.traced("exec", request, |r| self.exec_inner(r)).await
     }
 
     async fn query(
         &self,
         request: Request<QueryRequest>,
     ) -> Result<Response<QueryResponse>, Status> {
-        traced("query", request, |r| self.query_inner(r)).await
+        self.traced("query", request, |r| self.query_inner(r)).await
     }
 
     async fn status(
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        traced("status", request, |r| self.status_inner(r)).await
+        self.traced("status", request, |r| self.status_inner(r))
+            .await
     }
 
     async fn digest(
         &self,
         request: Request<DigestRequest>,
     ) -> Result<Response<DigestResponse>, Status> {
-        traced("digest", request, |r| self.digest_inner(r)).await
+        self.traced("digest", request, |r| self.digest_inner(r))
+            .await
     }
 
     async fn transfer_leader(
         &self,
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
-        traced("transfer_leader", request, |r| {
+        self.traced("transfer_leader", request, |r| {
             self.transfer_leader_inner(r)
         })
         .await
@@ -728,7 +859,16 @@ impl Wraft for ClientService {
         &self,
         request: Request<DeleteTenantRequest>,
     ) -> Result<Response<DeleteTenantResponse>, Status> {
-        traced("delete_tenant", request, |r| self.delete_tenant_inner(r)).await
+        self.traced("delete_tenant", request, |r| self.delete_tenant_inner(r))
+            .await
+    }
+
+    async fn change_members(
+        &self,
+        request: Request<ChangeMembersRequest>,
+    ) -> Result<Response<ChangeMembersResponse>, Status> {
+        self.traced("change_members", request, |r| self.change_members_inner(r))
+            .await
     }
 }
 

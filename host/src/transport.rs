@@ -12,8 +12,8 @@
 //! panics on some malformed input. With TLS on, a stream must also come with a node certificate
 //! from the cluster CA (see [`crate::tls`]), and peers are dialed with this node's own.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam_channel::Sender as SyncSender;
@@ -37,50 +37,83 @@ const PEER_QUEUE: usize = 8192;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
-/// The sending half: a queue per peer, each drained by its own task.
+/// A peer's advertised address and its queue.
+type Link = (String, mpsc::Sender<Message>);
+
+/// The sending half: a queue per peer, each drained by its own task. Peers come and go with
+/// membership ([`Transport::set_peers`], called by the Raft loop).
 #[derive(Clone)]
 pub struct Transport {
-    peers: Arc<HashMap<u64, mpsc::Sender<Message>>>,
+    links: Arc<Mutex<HashMap<u64, Link>>>,
+    runtime: tokio::runtime::Handle,
+    cluster_id: u64,
+    self_id: u64,
+    incarnation: u64,
+    raft: SyncSender<RaftInput>,
+    tls: Option<ClientTlsConfig>,
+    /// Where to dial a peer instead of its advertised address (`--dial`: proxies in tests).
+    dial: Arc<HashMap<u64, String>>,
 }
 
 impl Transport {
-    /// Starts one sender task per peer (other than `self_id`) on the current tokio runtime.
-    /// With `tls`, every peer is dialed over TLS with this node's certificate (mutual TLS).
-    pub fn start(
+    /// A transport with no peers yet; must be made on the tokio runtime, whose handle it keeps
+    /// so that the Raft thread can start links later. With `tls`, every peer is dialed over
+    /// TLS with this node's certificate (mutual TLS).
+    pub fn new(
         cluster_id: u64,
         self_id: u64,
-        peers: &HashMap<u64, String>,
+        incarnation: u64,
         raft: SyncSender<RaftInput>,
         tls: Option<ClientTlsConfig>,
+        dial: Arc<HashMap<u64, String>>,
     ) -> Self {
-        let mut queues = HashMap::new();
+        Self {
+            links: Arc::new(Mutex::new(HashMap::new())),
+            runtime: tokio::runtime::Handle::current(),
+            cluster_id,
+            self_id,
+            incarnation,
+            raft,
+            tls,
+            dial,
+        }
+    }
+
+    /// Makes the set of links match `peers` (id → advertised address): starts a link for each
+    /// new peer (or one whose address changed) and ends those of peers no longer listed.
+    pub fn set_peers(&self, peers: &BTreeMap<u64, String>) {
+        let Ok(mut links) = self.links.lock() else {
+            return;
+        };
+        links.retain(|id, (addr, _)| peers.get(id) == Some(addr));
         for (&id, addr) in peers {
-            if id == self_id {
+            if id == self.self_id || links.contains_key(&id) {
                 continue;
             }
             let (tx, rx) = mpsc::channel(PEER_QUEUE);
-            queues.insert(id, tx);
             let link = PeerLink {
-                cluster_id,
-                from: self_id,
+                cluster_id: self.cluster_id,
+                from: self.self_id,
                 to: id,
-                addr: addr.clone(),
-                raft: raft.clone(),
-                tls: tls.clone(),
+                incarnation: self.incarnation,
+                addr: self.dial.get(&id).cloned().unwrap_or_else(|| addr.clone()),
+                raft: self.raft.clone(),
+                tls: self.tls.clone(),
             };
-            tokio::spawn(link.run(rx));
-        }
-        Self {
-            peers: Arc::new(queues),
+            self.runtime.spawn(link.run(rx));
+            links.insert(id, (addr.clone(), tx));
         }
     }
 
     /// Queues messages for their peers. Never blocks: the Raft loop calls it.
     pub fn send(&self, messages: Vec<Message>) {
+        let Ok(links) = self.links.lock() else {
+            return;
+        };
         for msg in messages {
             let msg_to = msg.to;
-            match self.peers.get(&msg.to) {
-                Some(queue) => {
+            match links.get(&msg.to) {
+                Some((_, queue)) => {
                     if queue.try_send(msg).is_err() {
                         METRICS
                             .peer_messages_dropped
@@ -89,7 +122,7 @@ impl Transport {
                         tracing::debug!("peer queue full or closed; dropping a raft message");
                     }
                 }
-                None => tracing::warn!(to = msg.to, "raft addressed a node with no known address"),
+                None => tracing::debug!(to = msg.to, "raft addressed a node with no known address"),
             }
         }
     }
@@ -104,6 +137,7 @@ struct PeerLink {
     cluster_id: u64,
     from: u64,
     to: u64,
+    incarnation: u64,
     addr: String,
     raft: SyncSender<RaftInput>,
     tls: Option<ClientTlsConfig>,
@@ -240,6 +274,7 @@ impl PeerLink {
             from: self.from,
             to: self.to,
             messages,
+            incarnation: self.incarnation,
         };
         (batch, leftover)
     }
@@ -254,14 +289,21 @@ impl PeerLink {
 pub struct Membership {
     pub cluster_id: u64,
     pub self_id: u64,
-    /// The members of the cluster (including this node).
-    pub members: Arc<HashMap<u64, String>>,
+    /// The members of the cluster (including this node), with their incarnations.
+    pub members: crate::members::SharedMembers,
 }
 
 /// The receiving half: the `Peer` gRPC service.
 pub struct PeerService {
     membership: Membership,
     raft: SyncSender<RaftInput>,
+    /// Downloads the state behind a `MsgSnapshot` before raft sees the message.
+    snapshots: Arc<crate::snapshot::Receiver>,
+    /// Serves this node's state to followers that received a snapshot from it.
+    store: crate::storage::StateStore,
+    chunk_bytes: usize,
+    /// This node's compaction point: a follower may fetch any snapshot up to it.
+    compacted: Arc<std::sync::atomic::AtomicU64>,
     /// Becomes true when the node stops: peer streams never end on their own, and a graceful
     /// server shutdown waits for every open request, so each stream ends itself on this signal.
     stopping: tokio::sync::watch::Receiver<bool>,
@@ -271,14 +313,23 @@ pub struct PeerService {
 }
 
 impl PeerService {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         membership: Membership,
         raft: SyncSender<RaftInput>,
         stopping: tokio::sync::watch::Receiver<bool>,
+        snapshots: Arc<crate::snapshot::Receiver>,
+        store: crate::storage::StateStore,
+        chunk_bytes: usize,
+        compacted: Arc<std::sync::atomic::AtomicU64>,
     ) -> Self {
         Self {
             membership,
             raft,
+            snapshots,
+            store,
+            chunk_bytes,
+            compacted,
             stopping,
             require_cert: false,
         }
@@ -334,10 +385,68 @@ impl PeerService {
                 batch.to, m.self_id
             )));
         }
-        if batch.from == m.self_id || !m.members.contains_key(&batch.from) {
+        let known = m
+            .members
+            .read()
+            .ok()
+            .and_then(|book| book.get(&batch.from).map(|r| r.incarnation));
+        let Some(known) = known.filter(|_| batch.from != m.self_id) else {
             return Err(Status::permission_denied(format!(
                 "node {} is not a member of cluster {:016x}",
                 batch.from, m.cluster_id
+            )));
+        };
+        if batch.incarnation == 0 {
+            return Err(Status::permission_denied(format!(
+                "node {} sent no data-directory incarnation",
+                batch.from
+            )));
+        }
+        if known == 0 {
+            // First contact with an initial member: remember who it is (the Raft loop records
+            // it durably, so a later wiped directory is recognised).
+            let _ = self.raft.try_send(RaftInput::LearnIncarnation {
+                id: batch.from,
+                incarnation: batch.incarnation,
+            });
+        } else if known != batch.incarnation {
+            tracing::warn!(
+                node = batch.from,
+                "refused a member whose data directory was wiped or replaced"
+            );
+            return Err(Status::failed_precondition(format!(
+                "node {} comes back with a new data directory (incarnation {:016x}, this cluster knows {:016x}): it has lost its log and votes, so it must not rejoin as node {}. Remove it (`wraft member remove {}`) and add it again as a new member with a new id",
+                batch.from, batch.incarnation, known, batch.from, batch.from
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks a snapshot download request: from a member of this cluster, for a snapshot this
+    /// node can serve.
+    fn admit_fetch(&self, req: &wraft_proto::peer::SnapshotRequest) -> Result<(), Status> {
+        let m = &self.membership;
+        if req.cluster_id != m.cluster_id || req.to != m.self_id {
+            return Err(Status::permission_denied(
+                "snapshot request for another cluster or node",
+            ));
+        }
+        let member = m
+            .members
+            .read()
+            .map(|book| book.contains_key(&req.from))
+            .unwrap_or(false);
+        if !member || req.from == m.self_id {
+            return Err(Status::permission_denied(format!(
+                "node {} is not a member of cluster {:016x}",
+                req.from, m.cluster_id
+            )));
+        }
+        let compacted = self.compacted.load(std::sync::atomic::Ordering::Acquire);
+        if req.index == 0 || req.index > compacted {
+            return Err(Status::failed_precondition(format!(
+                "snapshot {} is beyond this node's compaction point {compacted}",
+                req.index
             )));
         }
         Ok(())
@@ -346,6 +455,27 @@ impl PeerService {
 
 #[tonic::async_trait]
 impl Peer for PeerService {
+    type FetchSnapshotStream = crate::snapshot::ChunkStream;
+
+    async fn fetch_snapshot(
+        &self,
+        request: Request<wraft_proto::peer::SnapshotRequest>,
+    ) -> Result<Response<Self::FetchSnapshotStream>, Status> {
+        self.authenticate(&request)?;
+        let req = request.into_inner();
+        self.admit_fetch(&req)?;
+        tracing::info!(to = req.from, index = req.index, "streaming a snapshot");
+        let raft = self.raft.clone();
+        let to = req.from;
+        Ok(Response::new(crate::snapshot::serve(
+            self.store.clone(),
+            self.chunk_bytes,
+            move |complete| {
+                let _ = raft.try_send(RaftInput::SnapshotSent { to, complete });
+            },
+        )))
+    }
+
     async fn raft(
         &self,
         request: Request<Streaming<RaftBatch>>,
@@ -377,6 +507,11 @@ impl Peer for PeerService {
                     .peer_messages_received
                     .with_label_values(&[batch.from.to_string().as_str()])
                     .inc();
+                if msg.get_msg_type() == MessageType::MsgSnapshot {
+                    // The state comes separately; raft sees the message once it is on disk.
+                    self.snapshots.offer(msg);
+                    continue;
+                }
                 if self.raft.try_send(RaftInput::Peer(msg)).is_err() {
                     // The Raft loop is saturated or stopping: raft tolerates loss.
                     tracing::debug!("raft inbox full; dropping a peer message");
@@ -411,9 +546,9 @@ pub fn validate(msg: &Message, batch_from: u64, self_id: u64) -> Result<(), Stri
         | MsgHeartbeat
         | MsgHeartbeatResponse
         | MsgTimeoutNow => {}
+        MsgSnapshot => validate_snapshot(msg)?,
         // Local messages (MsgHup, MsgBeat, MsgUnreachable, MsgSnapStatus, MsgCheckQuorum) never
-        // cross the network. Proposals and reads reach the leader over wraft's own forwarding,
-        // and snapshots are not transferred by this build.
+        // cross the network. Proposals and reads reach the leader over wraft's own forwarding.
         other => return Err(format!("message type {other:?} is not accepted from peers")),
     }
     if msg.term == 0 {
@@ -437,6 +572,48 @@ pub fn validate(msg: &Message, batch_from: u64, self_id: u64) -> Result<(), Stri
     } else if !msg.get_entries().is_empty() {
         return Err(format!("{:?} must not carry entries", msg.get_msg_type()));
     }
+    Ok(())
+}
+
+/// A snapshot message must describe a snapshot raft-rs can restore without tripping its
+/// assertions: a real index and term, and a configuration with voters, no id 0, and learners
+/// apart from voters.
+fn validate_snapshot(msg: &Message) -> Result<(), String> {
+    let md = msg.get_snapshot().get_metadata();
+    if md.index == 0 || md.term == 0 || md.term > msg.term {
+        return Err(format!(
+            "snapshot at index {} term {} in a message of term {}",
+            md.index, md.term, msg.term
+        ));
+    }
+    let cs = md.get_conf_state();
+    if cs.voters.is_empty() {
+        return Err("snapshot configuration has no voters".into());
+    }
+    let all = cs
+        .voters
+        .iter()
+        .chain(&cs.learners)
+        .chain(&cs.voters_outgoing)
+        .chain(&cs.learners_next);
+    if all.clone().any(|id| *id == 0) {
+        return Err("snapshot configuration names node 0".into());
+    }
+    if cs
+        .learners
+        .iter()
+        .any(|l| cs.voters.contains(l) || cs.voters_outgoing.contains(l))
+    {
+        return Err("snapshot configuration has a learner that is also a voter".into());
+    }
+    if cs
+        .learners_next
+        .iter()
+        .any(|l| !cs.voters_outgoing.contains(l))
+    {
+        return Err("snapshot configuration has an incoming learner that was no voter".into());
+    }
+    crate::storage::decode_descriptor(msg.get_snapshot().get_data()).map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -482,7 +659,10 @@ mod tests {
             validate(&msg(MessageType::MsgHup), 2, 1).is_err(),
             "local message"
         );
-        assert!(validate(&msg(MessageType::MsgSnapshot), 2, 1).is_err());
+        assert!(
+            validate(&msg(MessageType::MsgSnapshot), 2, 1).is_err(),
+            "snapshot without metadata"
+        );
         assert!(
             validate(&msg(MessageType::MsgHeartbeat), 3, 1).is_err(),
             "spoofed sender"

@@ -1,26 +1,63 @@
 //! The deterministic engine and module validation against the wraft ABI v1.
 //!
 //! Owns the one place where wasmtime is configured and the checks a module must pass before it
-//! can be instantiated. Keeps true: a [`Module`] that exists has no imports, a 32-bit
+//! can be instantiated. Keeps true: a [`Module`] that exists was rewritten with the stack bound
+//! (its only import is the stack counter), has a 32-bit
 //! non-shared `memory` that fits the memory limit, and every ABI export with its exact
 //! signature, so instantiation and calls never meet a missing or mistyped function.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use wasmtime::{Config, Engine, ExternType, FuncType, ValType};
 
-use crate::{Instance, Limits, WasmError};
+use crate::cache::{Cache, CompileStats, Counters};
+use crate::{stack, Instance, Limits, WasmError};
 
 /// Wasm page size; custom page sizes are disabled, so it is always 64 KiB.
 const PAGE_BYTES: u64 = 65536;
 
-/// Stack for Wasm frames. Set explicitly so that a wasmtime upgrade cannot move the depth at
-/// which recursion traps without us noticing.
-const MAX_WASM_STACK: usize = 512 * 1024;
+/// Native stack bytes budgeted for one stack unit (see [`crate::stack`] for what a unit
+/// counts). A unit stands for one Wasm value, at most 16 bytes (a `v128`). On x86-64 the worst
+/// frames measured by `stack::tests::frames_stay_within_half_the_budget` use 16 bytes per unit
+/// (`v128` values everywhere), typical ones 8; the budget keeps a factor of four over the worst
+/// (the test fails below two), for other CPUs' frame layouts and compiler changes.
+pub const STACK_UNIT_BYTES: usize = 64;
 
-/// A wasmtime engine configured for deterministic execution. Cheap to clone.
+/// The largest [`Limits::stack_units`] the engine accepts, and the default. Rust functions
+/// cost 10 to 50 units (the example plugins: median 13, largest 48), so this allows a few
+/// thousand nested calls.
+pub const MAX_STACK_UNITS: u32 = 64 * 1024;
+
+/// Native stack wasmtime lets Wasm frames use: the unit bound in bytes
+/// ([`MAX_STACK_UNITS`] × [`STACK_UNIT_BYTES`] = 4 MiB) plus slack for the entry trampoline.
+/// Frames within budget never reach it while units remain, so wasmtime's own guard, whose
+/// depth depends on the CPU and the compiler, can only trip on entry to a function that costs
+/// more units than remain: exactly where the unit bound trips too, and it is reported the same
+/// way ([`crate::CallError::StackLimit`]). Set explicitly so that a wasmtime upgrade cannot
+/// move it unnoticed.
+const MAX_WASM_STACK: usize = MAX_STACK_UNITS as usize * STACK_UNIT_BYTES + 256 * 1024;
+
+/// Native stack for host frames around guest code: the caller's own frames above the first
+/// Wasm frame and wasmtime's libcalls (memory growth, the resource limiter, table
+/// initialisation) below the last one, which wasmtime does not count in [`MAX_WASM_STACK`].
+const HOST_STACK_RESERVE: usize = 2 << 20;
+
+/// The stack a thread needs to run guest code (instantiate a module, or call into an
+/// [`Instance`]): [`MAX_WASM_STACK`] plus room for host frames, 6.25 MiB. On a thread with less,
+/// a hostile module can overflow the thread's stack and abort the process before any bound
+/// trips.
+pub const GUEST_THREAD_STACK_BYTES: usize = MAX_WASM_STACK + HOST_STACK_RESERVE;
+
+/// A wasmtime engine configured for deterministic execution, optionally with an on-disk
+/// cache of compiled modules. Cheap to clone; clones share the cache and the counters.
 #[derive(Clone)]
 pub struct Runtime {
     engine: Engine,
+    cache: Option<Arc<Cache>>,
+    counters: Arc<Counters>,
 }
 
 /// A validated, compiled module. Cheap to clone (wasmtime's module is reference-counted).
@@ -86,65 +123,148 @@ const PANIC_MESSAGE: FuncSig = FuncSig {
 };
 
 impl Runtime {
-    /// Creates the engine with the deterministic configuration (see the module docs for the
-    /// accepted Wasm features).
+    /// Creates the engine with the deterministic configuration (see the crate docs for the
+    /// accepted Wasm features), without a compile cache.
     pub fn new() -> Result<Runtime, WasmError> {
-        let mut config = Config::new();
-        config
-            // Determinism: fuel bounds calls (never epochs: they are wall-clock), NaNs are
-            // canonical, and only deterministic proposals are on.
-            .consume_fuel(true)
-            .cranelift_nan_canonicalization(true)
-            .max_wasm_stack(MAX_WASM_STACK)
-            .wasm_relaxed_simd(false)
-            .relaxed_simd_deterministic(true)
-            .wasm_shared_everything_threads(false)
-            .wasm_memory64(false)
-            .wasm_multi_memory(false)
-            .wasm_custom_page_sizes(false)
-            .wasm_wide_arithmetic(false)
-            .wasm_stack_switching(false)
-            .wasm_tail_call(false)
-            .wasm_extended_const(false)
-            .wasm_gc(false)
-            .wasm_function_references(false)
-            .wasm_exceptions(false)
-            // What rustc emits by default for wasm32-unknown-unknown, plus fixed-width SIMD.
-            .wasm_bulk_memory(true)
-            .wasm_multi_value(true)
-            .wasm_reference_types(true)
-            .wasm_simd(true)
-            // Trap messages stay short and identical on every node; backtraces also cost time
-            // on every trap.
-            .wasm_backtrace_max_frames(None);
-        let engine = Engine::new(&config).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
-        Ok(Runtime { engine })
+        Ok(Runtime {
+            engine: engine()?,
+            cache: None,
+            counters: Arc::default(),
+        })
+    }
+
+    /// Like [`Runtime::new`], keeping compiled modules in `dir` (created if missing) so that
+    /// a module compiled once, by this process or an earlier one, is loaded instead of
+    /// compiled again. One runtime per directory.
+    pub fn with_cache_dir(dir: impl Into<PathBuf>) -> Result<Runtime, WasmError> {
+        Runtime::with_cache_dir_salted(dir.into(), "")
+    }
+
+    /// [`Runtime::with_cache_dir`] with `salt` mixed into the engine key; tests use it to play
+    /// an engine whose artifacts this one must not load.
+    pub(super) fn with_cache_dir_salted(dir: PathBuf, salt: &str) -> Result<Runtime, WasmError> {
+        let engine = engine()?;
+        let cache = Cache::open(dir, &engine, salt)?;
+        Ok(Runtime {
+            engine,
+            cache: Some(Arc::new(cache)),
+            counters: Arc::default(),
+        })
+    }
+
+    /// A runtime whose native stack guard sits at `bytes`, below the unit bound: tests only,
+    /// to make wasmtime's own guard trip first.
+    #[cfg(test)]
+    pub(super) fn with_max_wasm_stack(bytes: usize) -> Result<Runtime, WasmError> {
+        let mut config = config();
+        config.max_wasm_stack(bytes);
+        Ok(Runtime {
+            engine: Engine::new(&config).map_err(|e| WasmError::Engine(format!("{e:#}")))?,
+            cache: None,
+            counters: Arc::default(),
+        })
+    }
+
+    /// Compilations and cache activity since this runtime (or the one it was cloned from) was
+    /// created.
+    pub fn stats(&self) -> CompileStats {
+        self.counters.snapshot()
     }
 
     /// Validates and compiles a Wasm binary: size cap, parse and validate, no imports, the ABI
-    /// exports with their exact signatures, and an initial memory within the limit.
+    /// exports with their exact signatures, and an initial memory within the limit. The module
+    /// is compiled with the stack bound added (see [`crate::stack`]), or loaded from the cache
+    /// when it was compiled before by the same engine.
     pub fn compile(&self, wasm: &[u8], limits: &Limits) -> Result<Module, WasmError> {
         check_size(wasm, limits)?;
-        // `from_binary`, not `new`: the `wat` feature would otherwise accept text too, and a
-        // deployed module must be exactly the bytes its hash names.
-        let inner = wasmtime::Module::from_binary(&self.engine, wasm)
+        let hash: [u8; 32] = Sha256::digest(wasm).into();
+        if let Some(cache) = &self.cache {
+            if let Some(inner) = cache.load(&self.engine, &hash, &self.counters) {
+                self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+                return Module::checked(inner, hash, limits);
+            }
+        }
+        // `validate`, not the text-accepting `Module::new`: a deployed module must be exactly
+        // the bytes its hash names. It runs before the rewrite so that the engine alone
+        // decides which features are accepted.
+        wasmtime::Module::validate(&self.engine, wasm)
             .map_err(|e| WasmError::Invalid(format!("{e:#}")))?;
-        Module::checked(inner, wasm, limits)
+        let instrumented = stack::instrument(wasm)?;
+        self.counters.compilations.fetch_add(1, Ordering::Relaxed);
+        let inner = wasmtime::Module::from_binary(&self.engine, &instrumented).map_err(|e| {
+            WasmError::Invalid(format!(
+                "module is invalid once the stack bound is added: {e:#}"
+            ))
+        })?;
+        let module = Module::checked(inner, hash, limits)?;
+        if let Some(cache) = &self.cache {
+            cache.store(&hash, &module.inner, &self.counters);
+        }
+        Ok(module)
     }
 
     /// Like [`Runtime::compile`] but accepting WAT text; tests only.
     #[cfg(test)]
     pub(super) fn compile_wat(&self, wat: &str, limits: &Limits) -> Result<Module, WasmError> {
-        check_size(wat.as_bytes(), limits)?;
-        let inner = wasmtime::Module::new(&self.engine, wat)
-            .map_err(|e| WasmError::Invalid(format!("{e:#}")))?;
-        Module::checked(inner, wat.as_bytes(), limits)
+        let wasm = wat::parse_str(wat).map_err(|e| WasmError::Invalid(format!("{e:#}")))?;
+        self.compile(&wasm, limits)
     }
 
-    /// Creates a fresh instance of `module` with its own store, memory and limits.
+    /// Creates a fresh instance of `module` with its own store, memory and limits. Runs the
+    /// module's start function, if any: call it on a thread with
+    /// [`GUEST_THREAD_STACK_BYTES`] of stack.
     pub fn instantiate(&self, module: &Module, limits: &Limits) -> Result<Instance, WasmError> {
+        if limits.stack_units > MAX_STACK_UNITS {
+            return Err(WasmError::Engine(format!(
+                "a stack limit of {} units is more than the engine's native stack covers \
+                 ({MAX_STACK_UNITS} units)",
+                limits.stack_units
+            )));
+        }
         Instance::new(&self.engine, module, limits)
     }
+}
+
+/// The one place where wasmtime is configured.
+fn engine() -> Result<Engine, WasmError> {
+    Engine::new(&config()).map_err(|e| WasmError::Engine(format!("{e:#}")))
+}
+
+pub(super) fn config() -> Config {
+    let mut config = Config::new();
+    config
+        // Determinism: fuel bounds calls (never epochs: they are wall-clock), NaNs are
+        // canonical, the stack bound is ours (`stack.rs`), and only deterministic proposals
+        // are on.
+        .consume_fuel(true)
+        .cranelift_nan_canonicalization(true)
+        .max_wasm_stack(MAX_WASM_STACK)
+        // Unused (no async calls), but wasmtime requires it to be at least `max_wasm_stack`.
+        .async_stack_size(GUEST_THREAD_STACK_BYTES)
+        .wasm_relaxed_simd(false)
+        .relaxed_simd_deterministic(true)
+        .wasm_shared_everything_threads(false)
+        .wasm_memory64(false)
+        .wasm_multi_memory(false)
+        .wasm_custom_page_sizes(false)
+        .wasm_wide_arithmetic(false)
+        .wasm_stack_switching(false)
+        // Also required by the stack bound: a tail call would leave a frame without its
+        // epilogue.
+        .wasm_tail_call(false)
+        .wasm_extended_const(false)
+        .wasm_gc(false)
+        .wasm_function_references(false)
+        .wasm_exceptions(false)
+        // What rustc emits by default for wasm32-unknown-unknown, plus fixed-width SIMD.
+        .wasm_bulk_memory(true)
+        .wasm_multi_value(true)
+        .wasm_reference_types(true)
+        .wasm_simd(true)
+        // Trap messages stay short and identical on every node; backtraces also cost time
+        // on every trap.
+        .wasm_backtrace_max_frames(None);
+    config
 }
 
 fn check_size(wasm: &[u8], limits: &Limits) -> Result<(), WasmError> {
@@ -161,14 +281,34 @@ fn check_size(wasm: &[u8], limits: &Limits) -> Result<(), WasmError> {
 impl Module {
     fn checked(
         inner: wasmtime::Module,
-        bytes: &[u8],
+        hash: [u8; 32],
         limits: &Limits,
     ) -> Result<Module, WasmError> {
-        if let Some(import) = inner.imports().next() {
-            return Err(WasmError::ImportNotAllowed {
-                module: import.module().to_string(),
-                name: import.name().to_string(),
-            });
+        // The stack counter is the only import, and it is always there: `Instance::new`
+        // provides exactly it.
+        let mut has_counter = false;
+        for import in inner.imports() {
+            match import.ty() {
+                ExternType::Global(g)
+                    if import.module() == stack::IMPORT_MODULE
+                        && import.name() == stack::IMPORT_NAME
+                        && g.content().is_i32()
+                        && g.mutability() == wasmtime::Mutability::Var =>
+                {
+                    has_counter = true;
+                }
+                _ => {
+                    return Err(WasmError::ImportNotAllowed {
+                        module: import.module().to_string(),
+                        name: import.name().to_string(),
+                    })
+                }
+            }
+        }
+        if !has_counter {
+            return Err(WasmError::Invalid(
+                "compiled module lacks the stack counter".to_string(),
+            ));
         }
         check_memory(&inner, limits)?;
         for sig in REQUIRED {
@@ -192,7 +332,7 @@ impl Module {
         Ok(Module {
             inner,
             has_panic_message,
-            hash: Sha256::digest(bytes).into(),
+            hash,
         })
     }
 

@@ -1,13 +1,16 @@
 //! One live module instance and the host side of every ABI call into it.
 //!
 //! Owns the wasmtime store (fuel, memory limiter) and the typed exports. Keeps true: fuel is
-//! set fresh before every call; memory growth is decided only by the module and
+//! set fresh before every call, and so are the stack units; memory growth is decided only by the module and
 //! [`Limits::memory_bytes`]; a result is bounds-checked against memory and size-capped before
 //! a single byte is copied, so a hostile module can at worst fail its own call.
 
-use wasmtime::{Engine, Memory, ResourceLimiter, Store, Trap, TypedFunc};
+use wasmtime::{
+    Engine, Global, GlobalType, Memory, Mutability, ResourceLimiter, Store, Trap, TypedFunc, Val,
+    ValType,
+};
 
-use crate::{CallError, Limits, Module, WasmError};
+use crate::{stack, CallError, Limits, Module, WasmError};
 
 /// Status byte of a successful result.
 const STATUS_OK: u8 = 0;
@@ -70,6 +73,8 @@ pub struct Instance {
     restore: TypedFunc<(i32, i32), i64>,
     snapshot: TypedFunc<(), i64>,
     panic_message: Option<TypedFunc<(), i64>>,
+    /// The stack units still available to the running call (see `stack.rs`).
+    stack_units: Global,
     limits: Limits,
     /// The fuel the current (or last) call started with, to report what it used.
     budget: u64,
@@ -89,12 +94,30 @@ impl Instance {
             },
         );
         store.limiter(|state| state as &mut dyn ResourceLimiter);
-        // A start function runs during instantiation and burns fuel like any call.
+        // A start function runs during instantiation and burns fuel and stack like any call.
         store
             .set_fuel(limits.fuel_per_call)
             .map_err(|e| WasmError::Engine(format!("cannot set fuel: {e:#}")))?;
-        let instance = wasmtime::Instance::new(&mut store, &module.inner, &[])
-            .map_err(|e| WasmError::Instantiate(format!("{e:#}")))?;
+        let stack_units = Global::new(
+            &mut store,
+            GlobalType::new(ValType::I32, Mutability::Var),
+            Val::I32(stack_units(limits)),
+        )
+        .map_err(|e| WasmError::Engine(format!("cannot create the stack counter: {e:#}")))?;
+        let instance =
+            match wasmtime::Instance::new(&mut store, &module.inner, &[stack_units.into()]) {
+                Ok(instance) => instance,
+                Err(e)
+                    if exhausted(&mut store, stack_units)
+                        || matches!(e.downcast_ref::<Trap>(), Some(Trap::StackOverflow)) =>
+                {
+                    let error = CallError::StackLimit {
+                        limit: limits.stack_units,
+                    };
+                    return Err(WasmError::Instantiate(format!("start function: {error}")));
+                }
+                Err(e) => return Err(WasmError::Instantiate(format!("{e:#}"))),
+            };
         let memory = instance
             .get_memory(&mut store, "memory")
             .ok_or(WasmError::MissingExport {
@@ -135,6 +158,7 @@ impl Instance {
             restore,
             snapshot,
             panic_message,
+            stack_units,
             limits: limits.clone(),
             budget: 0,
         })
@@ -183,10 +207,11 @@ impl Instance {
         self.memory.data_size(&self.store) as u64
     }
 
-    /// Resets the per-call state: fresh fuel, no refused growth yet.
+    /// Resets the per-call state: fresh fuel and stack units, no refused growth yet.
     fn begin(&mut self, fuel: u64) -> Result<(), CallError> {
         self.store.data_mut().denied_growth = false;
         self.budget = fuel;
+        self.reset_stack_units()?;
         self.store
             .set_fuel(fuel)
             .map_err(|e| CallError::Trap(format!("cannot set fuel: {e:#}")))
@@ -274,6 +299,15 @@ impl Instance {
         let memory_limit = self.limits.memory_bytes;
         match error.downcast_ref::<Trap>() {
             Some(Trap::OutOfFuel) => CallError::OutOfFuel { limit: fuel },
+            // The bound's own trap leaves `EXHAUSTED` behind. wasmtime's native guard trips
+            // only on entry to a function costing more units than remain (see `engine.rs`):
+            // where the bound trips on every machine, so it is the same error.
+            Some(Trap::StackOverflow) => CallError::StackLimit {
+                limit: self.limits.stack_units,
+            },
+            Some(_) if exhausted(&mut self.store, self.stack_units) => CallError::StackLimit {
+                limit: self.limits.stack_units,
+            },
             // The guest's allocator aborts when growth is refused; whatever trap follows a
             // refusal in the same call is that abort.
             Some(_) if self.store.data().denied_growth => CallError::MemoryLimit {
@@ -293,11 +327,30 @@ impl Instance {
         }
     }
 
+    /// The counter as the last call left it: [`stack::EXHAUSTED`] after the bound tripped.
+    #[cfg(test)]
+    pub(super) fn stack_units_left(&mut self) -> i32 {
+        match self.stack_units.get(&mut self.store) {
+            Val::I32(units) => units,
+            _ => i32::MIN,
+        }
+    }
+
+    /// Gives the next call the full stack limit; after a normal return the counter is back
+    /// there anyway, after a trap it is not.
+    fn reset_stack_units(&mut self) -> Result<(), CallError> {
+        let units = stack_units(&self.limits);
+        self.stack_units
+            .set(&mut self.store, Val::I32(units))
+            .map_err(|e| CallError::Trap(format!("cannot reset the stack counter: {e:#}")))
+    }
+
     /// Asks the guest for its last panic message, on a small separate fuel budget. Any failure
     /// (no export, another trap, a bad result) just means "no message".
     fn guest_panic_message(&mut self) -> Option<String> {
         let func = self.panic_message.clone()?;
         self.store.set_fuel(PANIC_MESSAGE_FUEL).ok()?;
+        self.reset_stack_units().ok()?;
         let packed = func.call(&mut self.store, ()).ok()?;
         let bytes = self.read_result(packed, PANIC_MESSAGE_MAX_READ).ok()?;
         if bytes.is_empty() {
@@ -314,4 +367,15 @@ impl Instance {
         }
         Some(message)
     }
+}
+
+/// The counter's starting value. `Runtime::instantiate` refuses limits above
+/// `MAX_STACK_UNITS`, far below `i32::MAX`; the clamp only keeps the conversion total.
+fn stack_units(limits: &Limits) -> i32 {
+    i32::try_from(limits.stack_units).unwrap_or(i32::MAX)
+}
+
+/// Whether the last trap was the stack bound's (see `stack::EXHAUSTED`).
+fn exhausted(store: &mut Store<HostState>, counter: Global) -> bool {
+    matches!(counter.get(store), Val::I32(stack::EXHAUSTED))
 }

@@ -51,21 +51,41 @@
 //! Fuel is reset before every call: [`Limits::fuel_per_call`] for `apply`/`query` (covering
 //! the `wraft_alloc` call too), [`Limits::fuel_per_snapshot`] for `snapshot`/`restore`.
 //! Results of `apply`/`query` are capped at [`Limits::max_result_bytes`]; snapshots only by
-//! the memory limit. Wasm stack overflow is a trap at a depth fixed by the wasmtime version
-//! and CPU architecture, so clusters should not mix architectures.
+//! the memory limit.
+//!
+//! Stack depth is bounded in *stack units*, not native bytes: before compiling, every module
+//! is rewritten so that each function charges a cost fixed by its own code (1 unit per
+//! parameter, declared local, result and value of its deepest operand stack, plus 4 per frame)
+//! on entry
+//! and gives it back on return. A call whose frames would need more than
+//! [`Limits::stack_units`] traps with [`CallError::StackLimit`] at the same depth on every
+//! machine (see `stack.rs`). wasmtime's own native guard, which trips at a depth that depends
+//! on the CPU and the compiler's frame layout, sits above the unit bound
+//! ([`MAX_STACK_UNITS`] units × [`STACK_UNIT_BYTES`] bytes), so it is never what stops a call;
+//! every thread that runs guest code needs [`GUEST_THREAD_STACK_BYTES`] of stack for that to
+//! hold. The rewrite's extra instructions burn fuel like any other, which is part of the
+//! engine ([`ENGINE`]).
+//!
+//! # Compile cache
+//!
+//! [`Runtime::with_cache_dir`] keeps compiled modules on disk, keyed by the module's hash and
+//! the engine (see `cache.rs`); a file that fails its checksum is recompiled, never loaded.
 
+mod cache;
 mod engine;
 mod instance;
+mod stack;
 #[cfg(test)]
 mod tests;
 
-pub use engine::{Module, Runtime};
+pub use cache::CompileStats;
+pub use engine::{Module, Runtime, GUEST_THREAD_STACK_BYTES, MAX_STACK_UNITS, STACK_UNIT_BYTES};
 
 /// The engine every replica of a tenant must run: fuel accounting and trap behaviour may change
 /// between wasmtime releases, so this is recorded with every deploy and checkpoint and a node
 /// with another engine refuses to apply (see the apply stage). Change it whenever the wasmtime
 /// pin or the engine configuration changes (a test checks the pin).
-pub const ENGINE: &str = "wasmtime 48.0.8; fuel; nan-canonical; abi v1";
+pub const ENGINE: &str = "wasmtime 48.0.8; fuel; nan-canonical; stack-units v1; abi v1";
 pub use instance::Instance;
 
 /// Replicated limits (later they become per-tenant replicated config; keep them a plain struct).
@@ -83,6 +103,9 @@ pub struct Limits {
     pub max_result_bytes: u64,
     /// Maximum size of a module's Wasm binary, in bytes.
     pub max_module_bytes: u64,
+    /// Stack units one call may use (see "Limits and determinism"); at most
+    /// [`MAX_STACK_UNITS`].
+    pub stack_units: u32,
 }
 
 impl Default for Limits {
@@ -93,6 +116,7 @@ impl Default for Limits {
             memory_bytes: 256 << 20,
             max_result_bytes: 4 << 20,
             max_module_bytes: 8 << 20,
+            stack_units: MAX_STACK_UNITS,
         }
     }
 }
@@ -125,6 +149,13 @@ pub enum CallError {
         len: u64,
         /// The result limit in bytes.
         limit: u64,
+    },
+    /// The call nested deeper than [`Limits::stack_units`] allows (typically unbounded
+    /// recursion); the same depth on every replica.
+    #[error("recursion too deep: the module exceeded its stack limit of {limit} units")]
+    StackLimit {
+        /// The stack units the call started with.
+        limit: u32,
     },
     /// The module broke the ABI (e.g. a result pointer out of bounds).
     #[error("module broke the wraft ABI: {0}")]

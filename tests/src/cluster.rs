@@ -107,6 +107,8 @@ pub struct Cluster {
     net: Option<Network>,
     /// Extra environment of every node process (every boot).
     env: Vec<(String, String)>,
+    /// The token of the harness's own calls ([`Cluster::with_token`]).
+    token: Option<String>,
 }
 
 impl Cluster {
@@ -167,6 +169,7 @@ impl Cluster {
             dir: Some(dir),
             net,
             env: opts.env,
+            token: None,
         };
         for id in cluster.ids() {
             cluster.spawn(id);
@@ -392,6 +395,19 @@ impl Cluster {
         connect(self.port(id))
     }
 
+    /// Makes the harness's own `Status`, `Digest` and `Deploy` calls carry `token` (an admin
+    /// token from `wraft auth token`), for nodes started with an auth secret: call it right
+    /// after [`Cluster::launch_with`], before waiting for a leader.
+    pub fn with_token(mut self, token: &str) -> Cluster {
+        self.token = Some(token.to_string());
+        self
+    }
+
+    /// A request carrying the cluster's token ([`Cluster::with_token`]), if it has one.
+    pub fn request<T>(&self, body: T) -> tonic::Request<T> {
+        with_token(body, self.token.as_deref())
+    }
+
     /// A node's `Status`, or a description of why there is none (including a process exit).
     pub async fn status(&self, id: NodeId) -> Result<StatusResponse, String> {
         if !self.is_running(id) {
@@ -401,7 +417,8 @@ impl Cluster {
                 None => format!("node {id} is not running"),
             });
         }
-        match tokio::time::timeout(STATUS_TIMEOUT, self.client(id).status(StatusRequest {})).await {
+        let request = self.request(StatusRequest {});
+        match tokio::time::timeout(STATUS_TIMEOUT, self.client(id).status(request)).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
             Ok(Err(status)) => Err(format!(
                 "node {id}: Status failed: {:?} {}",
@@ -496,10 +513,10 @@ impl Cluster {
         tenant: &str,
         wasm: Vec<u8>,
     ) -> Result<DeployResponse, tonic::Status> {
-        let request = DeployRequest {
+        let request = self.request(DeployRequest {
             tenant: tenant.into(),
             wasm,
-        };
+        });
         crate::within(
             RPC_TIMEOUT,
             &format!("Deploy of {tenant} through node {via}"),
@@ -586,9 +603,9 @@ impl Cluster {
 
     /// A node's `Digest` of a tenant.
     pub async fn digest(&self, id: NodeId, tenant: &str) -> Result<DigestResponse, String> {
-        let request = DigestRequest {
+        let request = self.request(DigestRequest {
             tenant: tenant.into(),
-        };
+        });
         match tokio::time::timeout(STATUS_TIMEOUT, self.client(id).digest(request)).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
             Ok(Err(s)) => Err(format!(
@@ -654,6 +671,18 @@ impl Cluster {
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default()
     }
+}
+
+/// A request with `authorization: Bearer <token>` when a token is given.
+pub fn with_token<T>(body: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(body);
+    if let Some(token) = token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .unwrap_or_else(|e| panic!("token {token:?} is not a header value: {e}"));
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
 }
 
 /// Builds an `ExecRequest` from raw command bytes.

@@ -54,6 +54,9 @@ pub enum ApplyInput {
     Query(QueryTask),
     /// A hash of a tenant's state.
     Digest(DigestTask),
+    /// Replace every tenant's state with an installed snapshot's, staged under `generation`;
+    /// `index` is the snapshot's. Arrives in log order, before the entries that follow it.
+    InstallSnapshot { index: u64, generation: u64 },
     /// Checkpoint what changed, then stop.
     Shutdown,
     /// Stop at once, writing nothing: what `kill -9` does, for tests of replay.
@@ -135,6 +138,13 @@ pub struct ApplyStage {
     /// Tenants changed since the view was last published: only they are republished, so an
     /// apply batch costs the same with one tenant or a thousand idle ones.
     touched: BTreeSet<String>,
+    /// See [`Env::log_floor`]: the last compaction asked for, or the installed snapshot.
+    log_floor: u64,
+    /// Compaction: after this many entries every changed tenant is checkpointed and the Raft
+    /// loop is told it may drop the log up to there. 0: never.
+    snapshot_entries: u64,
+    entries_since_compaction: u64,
+    raft: Option<crossbeam_channel::Sender<crate::raft_loop::RaftInput>>,
 }
 
 impl ApplyStage {
@@ -153,6 +163,7 @@ impl ApplyStage {
             runtime: &runtime,
             limits: &limits,
             store: &store,
+            log_floor: 0,
         };
         let mut replay_from: Option<u64> = None;
         for (name, bytes) in store.checkpoints()? {
@@ -186,6 +197,10 @@ impl ApplyStage {
             halted: None,
             applied_shared: Arc::new(AtomicU64::new(raft_applied)),
             touched: BTreeSet::new(),
+            log_floor: 0,
+            snapshot_entries: 0,
+            entries_since_compaction: 0,
+            raft: None,
         };
         stage.touched = stage.tenants.keys().cloned().collect();
         stage.publish();
@@ -195,6 +210,37 @@ impl ApplyStage {
             "apply stage loaded its checkpoints"
         );
         Ok((stage, raft_applied))
+    }
+
+    /// Starts compacting the log: every `every` entries, changed tenants are checkpointed and
+    /// `raft` is told it may drop the log up to the applied index. `floor` is the current
+    /// compaction point (see [`Env::log_floor`]).
+    pub fn compact_every(
+        &mut self,
+        every: u64,
+        floor: u64,
+        raft: crossbeam_channel::Sender<crate::raft_loop::RaftInput>,
+    ) {
+        self.snapshot_entries = every;
+        self.log_floor = floor;
+        self.raft = Some(raft);
+        // Raft delivers nothing at or below the compaction point again.
+        if self.applied < floor {
+            self.applied = floor;
+            self.last_pos = (floor, 0);
+            self.applied_shared.store(floor, Ordering::Release);
+        }
+    }
+
+    /// A handle on the state store (for serving snapshots and staging them).
+    pub fn store(&self) -> StateStore {
+        self.store.clone()
+    }
+
+    /// The index raft must consider applied at start: never below the compaction point, which
+    /// raft-rs treats as applied already.
+    pub fn start_index(replay_from: u64, floor: u64) -> u64 {
+        replay_from.max(floor)
     }
 
     /// The applied index, updated as entries apply: the Raft loop reads it to stop taking
@@ -210,6 +256,12 @@ impl ApplyStage {
                 ApplyInput::Committed(entries) => {
                     for entry in entries {
                         self.apply_entry(entry);
+                        self.entries_since_compaction += 1;
+                    }
+                    if self.snapshot_entries > 0
+                        && self.entries_since_compaction >= self.snapshot_entries
+                    {
+                        self.checkpoint_for_compaction();
                     }
                     self.publish();
                     self.serve_parked();
@@ -235,12 +287,114 @@ impl ApplyStage {
                     }
                 }
                 ApplyInput::Digest(task) => self.digest(task),
+                ApplyInput::InstallSnapshot { index, generation } => {
+                    self.install_snapshot(index, generation);
+                    self.serve_parked();
+                }
                 ApplyInput::Shutdown => break,
                 #[cfg(test)]
                 ApplyInput::Abort => return,
             }
         }
         self.shutdown();
+    }
+
+    /// Checkpoints every tenant changed since its last checkpoint at the last applied op, so
+    /// every tenant's checkpoint covers all its ops up to `applied`, then lets the Raft loop
+    /// drop the log up to there. The checkpoints are written first and RocksDB's log is
+    /// ordered: a compaction that survives a crash implies the checkpoints did.
+    fn checkpoint_for_compaction(&mut self) {
+        self.entries_since_compaction = 0;
+        if self.halted.is_some() || self.applied <= self.log_floor {
+            return;
+        }
+        let env = Env {
+            runtime: &self.runtime,
+            limits: &self.limits,
+            store: &self.store,
+            log_floor: self.log_floor,
+        };
+        let at = self.last_pos;
+        for tenant in self.tenants.values_mut() {
+            tenant.checkpoint_if_dirty(&env, at);
+        }
+        crate::crashpoint::hit("compaction-checkpointed");
+        let index = self.applied;
+        if let Some(raft) = &self.raft {
+            if raft
+                .try_send(crate::raft_loop::RaftInput::Compact { index })
+                .is_ok()
+            {
+                self.log_floor = index;
+            }
+        }
+    }
+
+    /// Replaces every tenant with the state of an installed snapshot (see
+    /// [`ApplyInput::InstallSnapshot`]). Waiters for entries up to `index` will never see them
+    /// applied here: they get an indeterminate answer (the cluster may have applied them).
+    fn install_snapshot(&mut self, index: u64, generation: u64) {
+        let mut changed: BTreeSet<String> = self.tenants.keys().cloned().collect();
+        self.tenants.clear();
+        if let Err(err) = self.store.switch_generation(generation) {
+            let why = format!("installing the snapshot at {index}: {err}");
+            tracing::error!("{why}; this node stops applying");
+            self.halted = Some(why);
+            return;
+        }
+        let env = Env {
+            runtime: &self.runtime,
+            limits: &self.limits,
+            store: &self.store,
+            log_floor: index,
+        };
+        let checkpoints = match self.store.checkpoints() {
+            Ok(c) => c,
+            Err(err) => {
+                self.halted = Some(format!("reading the installed snapshot at {index}: {err}"));
+                return;
+            }
+        };
+        for (name, bytes) in checkpoints {
+            let loaded = TenantCheckpoint::decode(bytes.as_slice())
+                .map_err(|e| format!("checkpoint of tenant {name}: {e}"))
+                .and_then(|cp| Tenant::load(&env, cp).map_err(|e| e.to_string()));
+            match loaded {
+                Ok(t) => {
+                    changed.insert(name.clone());
+                    self.tenants.insert(name, t);
+                }
+                Err(why) => {
+                    let why = format!(
+                        "the snapshot at {index} holds a tenant this node cannot load: {why}"
+                    );
+                    tracing::error!("{why}; this node stops applying");
+                    self.halted = Some(why);
+                }
+            }
+        }
+        self.log_floor = index;
+        self.applied = index;
+        self.last_pos = (index, 0);
+        self.entries_since_compaction = 0;
+        while let Some((&waiting_index, _)) = self.waiters.first_key_value() {
+            if waiting_index > index {
+                break;
+            }
+            if let Some((_, waiters)) = self.waiters.pop_first() {
+                for w in waiters {
+                    let _ = w.reply.send(Err(Error::Interrupted));
+                }
+            }
+        }
+        self.touched.extend(changed);
+        self.publish();
+        tracing::info!(
+            index,
+            generation,
+            tenants = self.tenants.len(),
+            "installed a snapshot"
+        );
     }
 
     fn apply_entry(&mut self, entry: Entry) {
@@ -365,6 +519,7 @@ impl ApplyStage {
                     runtime: &self.runtime,
                     limits: &self.limits,
                     store: &self.store,
+                    log_floor: self.log_floor,
                 };
                 match self.tenants.get_mut(&op.tenant) {
                     Some(tenant) => tenant.exec(&env, at, cmd),
@@ -402,6 +557,7 @@ impl ApplyStage {
             runtime: &self.runtime,
             limits: &self.limits,
             store: &self.store,
+            log_floor: self.log_floor,
         };
         match self.tenants.get_mut(name) {
             Some(tenant) => tenant.upgrade(&env, module, wasm, at),
@@ -441,6 +597,7 @@ impl ApplyStage {
             runtime: &self.runtime,
             limits: &self.limits,
             store: &self.store,
+            log_floor: self.log_floor,
         };
         let answer = match self.tenants.get_mut(&task.tenant) {
             Some(tenant) => Ok(Applied {
@@ -470,6 +627,7 @@ impl ApplyStage {
             runtime: &self.runtime,
             limits: &self.limits,
             store: &self.store,
+            log_floor: self.log_floor,
         };
         let answer = match self.tenants.get_mut(&task.tenant) {
             None => Err(Error::UnknownTenant(task.tenant)),
@@ -523,6 +681,7 @@ impl ApplyStage {
             runtime: &self.runtime,
             limits: &self.limits,
             store: &self.store,
+            log_floor: self.log_floor,
         };
         let at = self.last_pos;
         for tenant in self.tenants.values_mut() {

@@ -50,7 +50,7 @@ impl OpOutcome {
             CallError::OutOfFuel { .. } => Kind::OutOfFuel,
             CallError::MemoryLimit { .. } => Kind::MemoryLimit,
             CallError::ResultTooLarge { .. } => Kind::ResultTooLarge,
-            CallError::Trap(_) | CallError::BadAbi(_) => Kind::Trap,
+            CallError::Trap(_) | CallError::BadAbi(_) | CallError::StackLimit { .. } => Kind::Trap,
         };
         let message = match err {
             CallError::Rejected(msg) => msg.clone(),
@@ -89,6 +89,9 @@ pub struct Env<'a> {
     pub runtime: &'a Runtime,
     pub limits: &'a Limits,
     pub store: &'a StateStore,
+    /// The log holds no entry at or below this index (it was compacted, or the state came from
+    /// a snapshot), and every tenant's checkpoint covers all of its ops up to it.
+    pub log_floor: u64,
 }
 
 /// Why a tenant could not be created, loaded or rebuilt.
@@ -469,9 +472,11 @@ impl Tenant {
         let cp = TenantCheckpoint::decode(cp_bytes.as_slice())
             .map_err(|e| broken(format!("checkpoint undecodable: {e}")))?;
         let cp_at = (cp.index, cp.position);
+        // Ops at or below the floor are covered by the checkpoint (compaction waits for every
+        // tenant to be checkpointed past them), and the log no longer holds them.
         let entries = env
             .store
-            .entries(cp.index, upto.0 + 1)
+            .entries(cp.index.max(env.log_floor + 1), upto.0 + 1)
             .map_err(|e| broken(format!("reading the log for replay: {e}")))?;
         // Ops that trapped during replay, with the error they were answered with.
         let mut skip: HashMap<OpPos, OpOutcome> = HashMap::new();

@@ -119,6 +119,8 @@ enum Stop {
 /// What every request loop needs, shared read-only.
 struct Load {
     tenant: String,
+    /// `Bearer <token>` for every request (`--token`), when the cluster requires one.
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     keys: u64,
     value_size: usize,
     /// Random alphanumeric text, twice `value_size` long: a value is a slice of it at a random
@@ -135,6 +137,14 @@ struct Load {
 }
 
 impl Load {
+    /// Attaches the token, if the run has one.
+    fn authorize<T>(&self, req: &mut tonic::Request<T>) {
+        if let Some(value) = &self.authorization {
+            req.metadata_mut()
+                .insert(crate::auth::AUTHORIZATION_KEY, value.clone());
+        }
+    }
+
     /// Whether the loop may send one more request (and counts it if so).
     fn take_ticket(&self) -> bool {
         match self.stop {
@@ -252,6 +262,8 @@ impl From<String> for Setup {
 
 async fn bench(args: Args) -> Result<ExitCode, Setup> {
     let tls = args.endpoints.tls().map_err(Setup::Printed)?;
+    let authorization = args.endpoints.authorization().map_err(Setup::Printed)?;
+    let token = args.endpoints.token;
     let endpoints = args.endpoints.endpoints;
     if endpoints.is_empty() {
         return Err(Setup::usage("no endpoints given".to_string()));
@@ -277,6 +289,8 @@ async fn bench(args: Args) -> Result<ExitCode, Setup> {
             .map_err(|e| Setup::usage(format!("read {}: {e}", file.display())))?;
         let resp = Client::new(endpoints.clone())
             .with_tls(tls.clone())
+            .with_token(token.as_deref())
+            .map_err(|e| Setup::usage(format!("--token: {e}")))?
             .deploy(&args.tenant, wasm)
             .await
             .map_err(|e| Setup::Printed(fail(&e, true)))?;
@@ -300,6 +314,7 @@ async fn bench(args: Args) -> Result<ExitCode, Setup> {
     };
     let load = Arc::new(Load {
         tenant: args.tenant.clone(),
+        authorization,
         keys: args.keys,
         value_size,
         pool: {
@@ -503,6 +518,7 @@ async fn write(
         seq: 0,
     });
     req.set_timeout(load.timeout);
+    load.authorize(&mut req);
     match tokio::time::timeout(load.timeout, client.exec(req)).await {
         Err(_) => Err(timed_out(load.timeout)),
         Ok(Err(status)) => Err(status_failure(&status)),
@@ -525,6 +541,7 @@ async fn read(client: &mut WraftClient<Channel>, load: &Load, key: u64) -> Resul
         consistency: load.consistency as i32,
     });
     req.set_timeout(load.timeout);
+    load.authorize(&mut req);
     match tokio::time::timeout(load.timeout, client.query(req)).await {
         Err(_) => Err(timed_out(load.timeout)),
         Ok(Err(status)) => Err(status_failure(&status)),

@@ -27,6 +27,12 @@ pub struct FileConfig {
     pub tls_key: Option<PathBuf>,
     pub tls_ca: Option<PathBuf>,
     pub client_cert_required: Option<bool>,
+    pub auth_secret_file: Option<PathBuf>,
+    /// `["HOST:PORT", ...]`, as `--join`.
+    pub join: Option<Vec<String>>,
+    pub auto_promote: Option<bool>,
+    pub snapshot_entries: Option<u64>,
+    pub snapshot_chunk_bytes: Option<usize>,
     pub log_json: Option<bool>,
 }
 
@@ -90,6 +96,7 @@ mod tests {
             tls-key = "node-2-key.pem"
             tls-ca = "ca.pem"
             client-cert-required = true
+            auth-secret-file = "auth.secret"
             log-json = true
             "#,
         )
@@ -99,6 +106,7 @@ mod tests {
         assert_eq!(c.peers.as_ref().map(Vec::len), Some(2));
         assert_eq!(c.metrics_listen, Some("127.0.0.1:9102".parse().unwrap()));
         assert_eq!(c.client_cert_required, Some(true));
+        assert_eq!(c.auth_secret_file, Some(PathBuf::from("auth.secret")));
         // Keys are spelled as the flags are, not as the fields of NodeConfig.
         assert!(FileConfig::parse("data_dir = \"/d\"").is_err());
         assert_eq!(FileConfig::parse("").unwrap(), FileConfig::default());

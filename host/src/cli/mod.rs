@@ -1,14 +1,17 @@
 //! The `wraft` command line: one file per command, each parse → act → print.
 //!
 //! Exit codes are a contract: 0 success; 2 usage; 3 definite failure (nothing applied, or the
-//! module's own error); 4 indeterminate (the command may have been applied).
+//! module's own error); 4 indeterminate (the command may have been applied). A refused token
+//! is a definite failure (3): the node did nothing.
 
+mod auth;
 mod bench;
 mod certs;
 mod config;
 mod digest;
 mod exec;
 mod leader;
+mod member;
 mod query;
 mod serve;
 mod status;
@@ -48,6 +51,15 @@ pub struct Endpoints {
     /// The private key of --cert (PEM).
     #[arg(long, env = "WRAFT_KEY", value_name = "FILE", requires = "cert")]
     key: Option<std::path::PathBuf>,
+    /// Access token (`wraft auth token`), for a cluster whose nodes run with an auth secret.
+    /// Prefer WRAFT_TOKEN: other users can read a command line.
+    #[arg(
+        long,
+        env = "WRAFT_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
 }
 
 impl Endpoints {
@@ -65,9 +77,30 @@ impl Endpoints {
         })
     }
 
-    /// A client of these endpoints, with TLS when the options ask for it.
+    /// The `authorization` value that carries --token (`None`: no token). A token that cannot
+    /// be sent is a usage error: exit 2.
+    fn authorization(
+        &self,
+    ) -> Result<Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>, ExitCode> {
+        self.token
+            .as_deref()
+            .map(crate::auth::bearer)
+            .transpose()
+            .map_err(|err| {
+                eprintln!("error: --token: {err}");
+                ExitCode::from(2)
+            })
+    }
+
+    /// A client of these endpoints, with TLS and the token when the options ask for them.
     fn client(&self) -> Result<Client, ExitCode> {
-        Ok(Client::new(self.endpoints.clone()).with_tls(self.tls()?))
+        Client::new(self.endpoints.clone())
+            .with_tls(self.tls()?)
+            .with_token(self.token.as_deref())
+            .map_err(|err| {
+                eprintln!("error: --token: {err}");
+                ExitCode::from(2)
+            })
     }
 }
 
@@ -77,6 +110,9 @@ enum Command {
     Serve(serve::Args),
     /// Make a CA and certificates for a local TLS cluster (nodes and a client).
     Certs(certs::Args),
+    /// Access control: `wraft auth secret` (the cluster secret), `wraft auth token` (mint one).
+    #[command(subcommand)]
+    Auth(auth::Command),
     /// Deploy (or upgrade) a tenant's module; prints the module hash.
     Deploy(exec::DeployArgs),
     /// Replicate a command; prints what the module's `apply` returned.
@@ -94,6 +130,9 @@ enum Command {
     /// Leadership: `wraft leader transfer [--to N]`.
     #[command(subcommand)]
     Leader(leader::Command),
+    /// Membership: `wraft member add|promote|remove|list`.
+    #[command(subcommand)]
+    Member(member::Command),
     /// Load a kv tenant with puts and gets; prints throughput and latency percentiles.
     Bench(bench::Args),
 }
@@ -117,6 +156,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Certs(args) => certs::run(args).await,
+            Command::Auth(command) => auth::run(command),
             Command::Deploy(args) => exec::deploy(args).await,
             Command::Exec(args) => exec::exec(args).await,
             Command::Query(args) => query::run(args).await,
@@ -125,6 +165,7 @@ pub fn main() -> ExitCode {
             Command::Tenants(args) => tenants::run(args).await,
             Command::Delete(args) => exec::delete(args).await,
             Command::Leader(command) => leader::run(command).await,
+            Command::Member(command) => member::run(command).await,
             Command::Bench(args) => bench::run(args).await,
         }
     })

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use super::config::FileConfig;
+use crate::auth::{Auth, Secret};
 use crate::node::{self, NodeConfig};
 use crate::tls::{NodeTls, NodeTlsFiles};
 
@@ -62,6 +63,34 @@ pub struct Args {
     /// default, with TLS on, clients need none; peers always do).
     #[arg(long, env = "WRAFT_CLIENT_CERT_REQUIRED", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     client_cert_required: Option<bool>,
+    /// The cluster auth secret (`wraft auth secret` makes one; every node gets the same file).
+    /// With it, every client request needs a token minted from it (`wraft auth token`);
+    /// without it, access control is off.
+    #[arg(long, env = "WRAFT_AUTH_SECRET_FILE", value_name = "FILE")]
+    auth_secret_file: Option<PathBuf>,
+    /// Join an existing cluster through these members (`HOST:PORT,...`) instead of starting one
+    /// from --peers: the node registers as a learner, catches up, and (with --auto-promote)
+    /// becomes a voter. Needed only on the first start; a restart uses the data directory.
+    #[arg(
+        long,
+        env = "WRAFT_JOIN",
+        value_delimiter = ',',
+        value_name = "HOST:PORT"
+    )]
+    join: Vec<String>,
+    /// With --join: ask to become a voter once caught up (default true).
+    #[arg(long, env = "WRAFT_AUTO_PROMOTE", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    auto_promote: Option<bool>,
+    /// The token --join presents to the cluster (an admin token when it has auth on).
+    #[arg(long, env = "WRAFT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Compact the log every this many applied entries; a follower further behind receives a
+    /// snapshot (0: never compact).
+    #[arg(long, env = "WRAFT_SNAPSHOT_ENTRIES")]
+    snapshot_entries: Option<u64>,
+    /// Bytes of state per snapshot chunk sent to a follower.
+    #[arg(long, env = "WRAFT_SNAPSHOT_CHUNK_BYTES")]
+    snapshot_chunk_bytes: Option<usize>,
     /// Log as JSON lines.
     #[arg(long, env = "WRAFT_LOG_JSON", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     log_json: Option<bool>,
@@ -132,6 +161,13 @@ impl Args {
                     .into(),
             ),
         };
+        let auth = match self.auth_secret_file.or(file.auth_secret_file) {
+            Some(path) => {
+                warn_if_readable_by_others(&path);
+                Auth::on(Secret::load(&path).map_err(|e| e.to_string())?)
+            }
+            None => Auth::off(),
+        };
         Ok(NodeConfig {
             id,
             listen,
@@ -141,8 +177,43 @@ impl Args {
             request_timeout: Duration::from_millis(request_timeout_ms),
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
             tls,
+            auth,
+            join: or_file(self.join, file.join),
+            auto_promote: self.auto_promote.or(file.auto_promote).unwrap_or(true),
+            token: self.token,
+            snapshot_entries: self
+                .snapshot_entries
+                .or(file.snapshot_entries)
+                .unwrap_or(crate::node::DEFAULT_SNAPSHOT_ENTRIES),
+            snapshot_chunk_bytes: self
+                .snapshot_chunk_bytes
+                .or(file.snapshot_chunk_bytes)
+                .unwrap_or(crate::snapshot::DEFAULT_CHUNK_BYTES)
+                .clamp(1, crate::limits::PEER_BATCH_BYTES),
         })
     }
+}
+
+/// Whoever can read the secret can mint any token, the admin's included: say so when the file
+/// is open to other users (as `wraft auth secret` never makes it), but start anyway, as a
+/// deployment may grant access through a group on purpose.
+fn warn_if_readable_by_others(path: &std::path::Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    file = %path.display(),
+                    mode = format!("{mode:o}"),
+                    "the auth secret file is readable by other users; it grants admin access (chmod 600)"
+                );
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
 }
 
 /// A list flag replaces the file's list; an empty one (not given) leaves the file's.
@@ -276,6 +347,7 @@ mod tests {
         assert_eq!((c.id, c.peers.len()), (2, 2));
         assert_eq!(c.request_timeout, Duration::from_millis(5000), "default");
         assert!(c.tls.is_none() && c.metrics_listen.is_none());
+        assert!(!c.auth.is_on(), "auth is off unless a secret is given");
         let c = serve(&[
             "--config",
             file,
@@ -323,6 +395,33 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(err.starts_with("read --tls-cert /no/cert.pem: "), "{err}");
+    }
+
+    #[test]
+    fn an_auth_secret_file_turns_auth_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("auth.secret");
+        std::fs::write(&secret, Secret::generate().unwrap().to_hex()).unwrap();
+        let path = secret.to_str().unwrap();
+        assert!(serve(&["--auth-secret-file", path])
+            .resolve()
+            .unwrap()
+            .auth
+            .is_on());
+        let config = dir.path().join("wraft.toml");
+        std::fs::write(&config, format!("auth-secret-file = {path:?}\n")).unwrap();
+        assert!(serve(&["--config", config.to_str().unwrap()])
+            .resolve()
+            .unwrap()
+            .auth
+            .is_on());
+        std::fs::write(&secret, "not hex\n").unwrap();
+        let err = serve(&["--auth-secret-file", path]).resolve().unwrap_err();
+        assert!(err.starts_with(&format!("auth secret {path}: ")), "{err}");
+        let err = serve(&["--auth-secret-file", "/no/secret"])
+            .resolve()
+            .unwrap_err();
+        assert!(err.starts_with("read auth secret /no/secret: "), "{err}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub(crate) const CF_STATE: &str = "state";
 
 /// Version of the on-disk layout described in this file. Written on first open and checked on
 /// every later open, so a binary never misreads a directory written in another layout.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 2;
 
 /// `meta` key of the format version, a big-endian u32.
 pub(crate) const META_FORMAT_VERSION: &[u8] = b"format_version";
@@ -31,6 +31,33 @@ pub(crate) const META_CONF_STATE: &[u8] = b"conf_state";
 /// `meta` key of the compaction point: index then term of the last entry removed from the log,
 /// both big-endian u64 (0/0 until the log is first compacted).
 pub(crate) const META_SNAPSHOT: &[u8] = b"snapshot_meta";
+
+/// `meta` key of the conf state at the compaction point (what a snapshot's metadata carries),
+/// protobuf bytes; absent until the first compaction.
+pub(crate) const META_SNAPSHOT_CONF: &[u8] = b"snapshot_conf";
+/// `meta` key of the index of the last conf change applied to raft, a big-endian u64: a restart
+/// delivers committed entries again, and a conf change must not be applied twice.
+pub(crate) const META_CONF_APPLIED: &[u8] = b"conf_applied";
+/// `meta` key of the address book (`peer::PeerBook` protobuf): every member's address and
+/// incarnation, replicated through conf changes and snapshots.
+pub(crate) const META_PEERS: &[u8] = b"peers";
+/// `meta` key of the generation of the `state` records in use, a big-endian u64. A snapshot is
+/// staged under the next generation and switched to in the same synced write as its raft
+/// metadata, so an install is atomic without copying the state.
+pub(crate) const META_STATE_GEN: &[u8] = b"state_generation";
+/// `meta` key of this data directory's incarnation, a random big-endian u64 drawn when it was
+/// created: peers refuse a member whose incarnation changed (its directory was wiped).
+pub(crate) const META_INCARNATION: &[u8] = b"incarnation";
+
+/// Every `state` key starts with the generation it belongs to: 8 bytes, big-endian.
+pub(crate) fn generation_prefix(generation: u64) -> [u8; 8] {
+    generation.to_be_bytes()
+}
+
+/// A `state` key within a generation.
+pub(crate) fn in_generation(generation: u64, key: &[u8]) -> Vec<u8> {
+    [&generation_prefix(generation)[..], key].concat()
+}
 
 /// Prefix of the tenant checkpoint records in `state`: `cp/{tenant}`.
 pub(crate) const CHECKPOINT_PREFIX: &[u8] = b"cp/";
@@ -83,6 +110,16 @@ pub(crate) fn decode_u64_pair(what: &str, bytes: &[u8]) -> Result<(u64, u64), St
     a.copy_from_slice(&bytes[..8]);
     b.copy_from_slice(&bytes[8..]);
     Ok((u64::from_be_bytes(a), u64::from_be_bytes(b)))
+}
+
+pub(crate) fn decode_u64(what: &str, bytes: &[u8]) -> Result<u64, StorageError> {
+    let arr: [u8; 8] = bytes.try_into().map_err(|_| {
+        StorageError::Corrupt(format!(
+            "meta record {what} is {} bytes, expected 8",
+            bytes.len()
+        ))
+    })?;
+    Ok(u64::from_be_bytes(arr))
 }
 
 pub(crate) fn decode_u32(what: &str, bytes: &[u8]) -> Result<u32, StorageError> {

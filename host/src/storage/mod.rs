@@ -35,12 +35,12 @@ use rocksdb::{
     WriteBatch, WriteOptions, DB,
 };
 
-pub use raft_log::RaftStorage;
+pub use raft_log::{decode_descriptor, RaftStorage};
 pub use state::StateStore;
 
 use keys::{
     CF_LOG, CF_META, CF_STATE, FORMAT_VERSION, META_CONF_STATE, META_FORMAT_VERSION,
-    META_HARD_STATE, META_IDENTITY, META_SNAPSHOT,
+    META_HARD_STATE, META_IDENTITY, META_INCARNATION, META_SNAPSHOT, META_STATE_GEN,
 };
 
 /// Who a data directory belongs to. Recorded on first open; a later open with another identity is
@@ -216,7 +216,37 @@ pub fn open(
 
     let db = Arc::new(db);
     let raft = RaftStorage::load(Arc::clone(&db), dir.to_path_buf(), identity)?;
-    Ok((raft, StateStore::new(db)))
+    let state = StateStore::new(db, raft.generation());
+    // A download that never completed, or a state replaced by a snapshot whose cleanup a crash
+    // interrupted, leaves records under other generations.
+    state.drop_other_generations()?;
+    Ok((raft, state))
+}
+
+/// The identity recorded in `dir`, if it holds a node database (read-only; for a node that
+/// joined a cluster and restarts, whose cluster id is not derived from `--peers`).
+pub fn recorded_identity(dir: &Path) -> Result<Option<NodeIdentity>, StorageError> {
+    if !dir.join("CURRENT").exists() {
+        return Ok(None);
+    }
+    let opts = Options::default();
+    let db = DB::open_cf_for_read_only(&opts, dir, [CF_META, CF_LOG, CF_STATE], false).map_err(
+        |source| StorageError::Open {
+            dir: dir.to_path_buf(),
+            source,
+        },
+    )?;
+    let meta = cf(&db, CF_META)?;
+    match db.get_cf(meta, META_IDENTITY)? {
+        None => Ok(None),
+        Some(bytes) => {
+            let (cluster_id, node_id) = keys::decode_u64_pair("identity", &bytes)?;
+            Ok(Some(NodeIdentity {
+                cluster_id,
+                node_id,
+            }))
+        }
+    }
 }
 
 /// First open: every record [`RaftStorage::load`] expects, in one synced batch, so a crash leaves
@@ -252,6 +282,10 @@ fn bootstrap(db: &DB, identity: NodeIdentity, initial_voters: &[u64]) -> Result<
     );
     batch.put_cf(meta, META_CONF_STATE, conf_state.write_to_bytes()?);
     batch.put_cf(meta, META_SNAPSHOT, keys::encode_u64_pair(0, 0));
+    batch.put_cf(meta, META_STATE_GEN, 0u64.to_be_bytes());
+    // Never 0, so 0 can mean "unknown" on the wire.
+    let incarnation = rand::random::<u64>().max(1);
+    batch.put_cf(meta, META_INCARNATION, incarnation.to_be_bytes());
     db.write_opt(batch, &synced())?;
     Ok(())
 }

@@ -7,7 +7,9 @@
 //!   `high > last_index + 1`, at least one entry whatever `max_size` says.
 //! - `term(idx)`: the compaction point's term for `idx == first_index - 1`, `Compacted` below it,
 //!   `Unavailable` above `last_index`.
-//! - `snapshot()`: not supported yet, always `SnapshotTemporarilyUnavailable`.
+//! - `snapshot()`: the compaction point's metadata (index, term, conf state) with a small
+//!   descriptor (cluster id, address book) as data; the state itself is streamed separately
+//!   (see `crate::snapshot`). `SnapshotTemporarilyUnavailable` before the first compaction.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -18,8 +20,12 @@ use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState};
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch, WriteOptions, DB};
 
-use super::keys::{self, CF_LOG, CF_META, META_CONF_STATE, META_HARD_STATE, META_SNAPSHOT};
+use super::keys::{
+    self, CF_LOG, CF_META, META_CONF_APPLIED, META_CONF_STATE, META_HARD_STATE, META_INCARNATION,
+    META_PEERS, META_SNAPSHOT, META_SNAPSHOT_CONF, META_STATE_GEN,
+};
 use super::{cf, synced, NodeIdentity, StorageError};
+use wraft_proto::peer::{PeerBook, SnapshotDescriptor};
 
 /// How many recent terms [`RaftStorage`] keeps in memory. raft-rs asks for terms constantly (every
 /// append it receives or sends, every vote) and almost always near the tail; 64k terms is 512 KiB
@@ -48,6 +54,16 @@ pub struct RaftStorage {
     hard_state: HardState,
     /// Mirror of the stored conf state.
     conf_state: ConfState,
+    /// The conf state at the compaction point (a snapshot's metadata).
+    snapshot_conf: ConfState,
+    /// Index of the last conf change applied to raft (0: none since bootstrap).
+    conf_applied: u64,
+    /// Mirror of the stored address book (None until the node records one).
+    peers: Option<PeerBook>,
+    /// The `state` generation the meta records name (see `keys::META_STATE_GEN`).
+    generation: u64,
+    /// This data directory's incarnation.
+    incarnation: u64,
     /// Terms of the entries at indices [term_cache_start, term_cache_start + term_cache.len()).
     /// Invariant: that range lies within [first_index, last_index] (or is empty), and
     /// term_cache.len() <= TERM_CACHE_LEN.
@@ -81,6 +97,30 @@ impl RaftStorage {
                 .ok_or_else(|| missing("snapshot_meta"))?,
         )?;
         let first_index = snapshot_index + 1;
+        let snapshot_conf = match db.get_cf(meta, META_SNAPSHOT_CONF)? {
+            Some(bytes) => ConfState::parse_from_bytes(&bytes)?,
+            None => ConfState::default(),
+        };
+        let conf_applied = match db.get_cf(meta, META_CONF_APPLIED)? {
+            Some(bytes) => keys::decode_u64("conf_applied", &bytes)?,
+            None => 0,
+        };
+        let peers = match db.get_cf(meta, META_PEERS)? {
+            Some(bytes) => Some(
+                <PeerBook as prost::Message>::decode(bytes.as_slice())
+                    .map_err(|e| StorageError::Corrupt(format!("meta record peers: {e}")))?,
+            ),
+            None => None,
+        };
+        let generation = match db.get_cf(meta, META_STATE_GEN)? {
+            Some(bytes) => keys::decode_u64("state_generation", &bytes)?,
+            None => 0,
+        };
+        let incarnation = keys::decode_u64(
+            "incarnation",
+            &db.get_cf(meta, META_INCARNATION)?
+                .ok_or_else(|| missing("incarnation"))?,
+        )?;
 
         let log = cf(&db, CF_LOG)?;
         let last_index = match db.iterator_cf(log, IteratorMode::End).next() {
@@ -124,6 +164,11 @@ impl RaftStorage {
             last_index,
             hard_state,
             conf_state,
+            snapshot_conf,
+            conf_applied,
+            peers,
+            generation,
+            incarnation,
             term_cache: VecDeque::new(),
             term_cache_start: last_index + 1,
         })
@@ -224,13 +269,163 @@ impl RaftStorage {
         Ok(())
     }
 
-    /// Records the conf state returned by `RawNode::apply_conf_change`. Synced: conf changes are
-    /// rare and raft builds its progress tracker from this record on restart.
-    pub fn set_conf_state(&mut self, cs: &ConfState) -> Result<(), StorageError> {
+    /// Records the conf state returned by `RawNode::apply_conf_change` for the entry at `index`,
+    /// with the address book it implies, in one synced write: conf changes are rare, raft
+    /// builds its progress tracker from this record on restart, and a restart must not apply
+    /// the change again (see [`RaftStorage::conf_applied`]).
+    pub fn set_conf_state(
+        &mut self,
+        cs: &ConfState,
+        index: u64,
+        peers: &PeerBook,
+    ) -> Result<(), StorageError> {
         let meta = cf(&self.db, CF_META)?;
-        self.db
-            .put_cf_opt(meta, META_CONF_STATE, cs.write_to_bytes()?, &synced())?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(meta, META_CONF_STATE, cs.write_to_bytes()?);
+        batch.put_cf(meta, META_CONF_APPLIED, index.to_be_bytes());
+        batch.put_cf(meta, META_PEERS, prost::Message::encode_to_vec(peers));
+        self.db.write_opt(batch, &synced())?;
         self.conf_state = cs.clone();
+        self.conf_applied = index;
+        self.peers = Some(peers.clone());
+        Ok(())
+    }
+
+    /// Records the address book alone (first start, or an incarnation learnt from a peer).
+    pub fn set_peers(&mut self, peers: &PeerBook) -> Result<(), StorageError> {
+        let meta = cf(&self.db, CF_META)?;
+        self.db.put_cf_opt(
+            meta,
+            META_PEERS,
+            prost::Message::encode_to_vec(peers),
+            &synced(),
+        )?;
+        self.peers = Some(peers.clone());
+        Ok(())
+    }
+
+    /// The address book, if one was recorded.
+    pub fn peers(&self) -> Option<&PeerBook> {
+        self.peers.as_ref()
+    }
+
+    /// Index of the last conf change applied to raft: a restart delivers committed entries
+    /// again, and those up to here must not be applied twice.
+    pub fn conf_applied(&self) -> u64 {
+        self.conf_applied
+    }
+
+    /// This data directory's incarnation (random, drawn when it was created).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// The `state` generation the meta records name.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The compaction point: entries up to it are gone from the log.
+    pub fn snapshot_index(&self) -> u64 {
+        self.snapshot_index
+    }
+
+    /// Removes the log up to and including `index`, which the apply stage has covered with
+    /// checkpoints, recording `index`, its term and `conf` (the conf state at `index`) as the
+    /// compaction point. Not synced: RocksDB's log is ordered, so it survives a crash only with
+    /// the checkpoints written before it; lost, it is simply done again.
+    pub fn compact(&mut self, index: u64, conf: &ConfState) -> Result<(), StorageError> {
+        if index <= self.snapshot_index {
+            return Ok(());
+        }
+        if index > self.last_index || index > self.hard_state.commit {
+            return Err(StorageError::Invalid(format!(
+                "compaction to {index} beyond the last index {} or commit {}",
+                self.last_index, self.hard_state.commit
+            )));
+        }
+        let term = raft::Storage::term(self, index)
+            .map_err(|e| StorageError::Invalid(format!("term of entry {index}: {e}")))?;
+        let log = cf(&self.db, CF_LOG)?;
+        let meta = cf(&self.db, CF_META)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(
+            log,
+            keys::log_key(self.first_index),
+            keys::log_key(index + 1),
+        );
+        batch.put_cf(meta, META_SNAPSHOT, keys::encode_u64_pair(index, term));
+        batch.put_cf(meta, META_SNAPSHOT_CONF, conf.write_to_bytes()?);
+        self.db.write(batch)?;
+        self.snapshot_index = index;
+        self.snapshot_term = term;
+        self.snapshot_conf = conf.clone();
+        self.first_index = index + 1;
+        if self.term_cache_start < self.first_index {
+            let drop = (self.first_index - self.term_cache_start).min(self.term_cache.len() as u64);
+            self.term_cache.drain(..drop as usize);
+            self.term_cache_start = self.first_index;
+        }
+        Ok(())
+    }
+
+    /// Installs a snapshot received from the leader, whose state was staged under `generation`:
+    /// the whole log goes, the compaction point, conf state, address book, hard state and the
+    /// switch to `generation` are written in ONE synced batch, so a crash leaves the node either
+    /// on its old state or on the new one. The hard state's commit is raised to the snapshot's
+    /// index (raft-rs refuses a hard state whose commit is below it).
+    pub fn apply_snapshot(
+        &mut self,
+        snapshot: &Snapshot,
+        hard_state: Option<&HardState>,
+        generation: u64,
+    ) -> Result<(), StorageError> {
+        let md = snapshot.get_metadata();
+        let descriptor = decode_descriptor(snapshot.get_data())?;
+        let peers = PeerBook {
+            peers: descriptor.peers,
+        };
+        let mut hs = hard_state
+            .cloned()
+            .unwrap_or_else(|| self.hard_state.clone());
+        hs.commit = hs.commit.max(md.index);
+        hs.term = hs.term.max(md.term);
+        let log = cf(&self.db, CF_LOG)?;
+        let meta = cf(&self.db, CF_META)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(
+            log,
+            keys::log_key(0),
+            keys::log_key(self.last_index.max(md.index).saturating_add(1)),
+        );
+        batch.put_cf(
+            meta,
+            META_SNAPSHOT,
+            keys::encode_u64_pair(md.index, md.term),
+        );
+        batch.put_cf(
+            meta,
+            META_SNAPSHOT_CONF,
+            md.get_conf_state().write_to_bytes()?,
+        );
+        batch.put_cf(meta, META_CONF_STATE, md.get_conf_state().write_to_bytes()?);
+        batch.put_cf(meta, META_CONF_APPLIED, md.index.to_be_bytes());
+        batch.put_cf(meta, META_PEERS, prost::Message::encode_to_vec(&peers));
+        batch.put_cf(meta, META_HARD_STATE, hs.write_to_bytes()?);
+        batch.put_cf(meta, META_STATE_GEN, generation.to_be_bytes());
+        self.db.write_opt(batch, &synced())?;
+        self.snapshot_index = md.index;
+        self.snapshot_term = md.term;
+        self.snapshot_conf = md.get_conf_state().clone();
+        self.conf_state = md.get_conf_state().clone();
+        self.conf_applied = md.index;
+        self.peers = Some(peers);
+        self.hard_state = hs;
+        self.generation = generation;
+        self.first_index = md.index + 1;
+        self.last_index = md.index;
+        self.term_cache.clear();
+        self.term_cache_start = self.last_index + 1;
         Ok(())
     }
 
@@ -339,13 +534,34 @@ impl raft::Storage for RaftStorage {
         Ok(self.last_index)
     }
 
-    /// Not supported yet (log compaction comes later, and until then every follower can be
-    /// caught up from the log): always `SnapshotTemporarilyUnavailable`.
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        Err(raft::Error::Store(
-            raft::StorageError::SnapshotTemporarilyUnavailable,
-        ))
+    /// The compaction point as a snapshot: its data is only a descriptor (cluster id and
+    /// address book); the follower downloads the state itself over `FetchSnapshot`, which
+    /// serves this node's state as of the download (every checkpoint in it covers at least the
+    /// compaction point, so entries after it replay correctly on top).
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        if self.snapshot_index == 0 || self.snapshot_index < request_index {
+            return Err(raft::Error::Store(
+                raft::StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        let descriptor = SnapshotDescriptor {
+            cluster_id: self.identity.cluster_id,
+            peers: self.peers.clone().unwrap_or_default().peers,
+        };
+        let mut snapshot = Snapshot::default();
+        snapshot.set_data(prost::Message::encode_to_vec(&descriptor).into());
+        let md = snapshot.mut_metadata();
+        md.index = self.snapshot_index;
+        md.term = self.snapshot_term;
+        md.set_conf_state(self.snapshot_conf.clone());
+        Ok(snapshot)
     }
+}
+
+/// Decodes a raft snapshot's data (see [`RaftStorage::snapshot`]).
+pub fn decode_descriptor(data: &[u8]) -> Result<SnapshotDescriptor, StorageError> {
+    <SnapshotDescriptor as prost::Message>::decode(data)
+        .map_err(|e| StorageError::Invalid(format!("undecodable snapshot descriptor: {e}")))
 }
 
 /// Entries in [low, high), all of which the caller knows to be stored, cut by `max_size` as

@@ -2,6 +2,10 @@
 //! (tenant checkpoints and module bytes) and reads, never writes, the `log` family to replay
 //! committed entries at startup.
 //!
+//! Every `state` key lives under a generation (see [`keys::META_STATE_GEN`]): this handle reads
+//! and writes its own generation, which the apply stage switches when it installs a snapshot
+//! (in log order, so no checkpoint of an older entry can land in the new generation).
+//!
 //! Invariant: a checkpoint that names a module is written in the same batch as that module's bytes
 //! (or after them), so a stored checkpoint never refers to a module the store lacks.
 //! Modules are never deleted here: several tenants may share one, and which are unused is only
@@ -12,7 +16,7 @@ use std::sync::Arc;
 use raft::eraftpb::Entry;
 use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 
-use super::keys::{self, CF_LOG, CF_META, CF_STATE, CHECKPOINT_PREFIX};
+use super::keys::{self, CF_LOG, CF_META, CF_STATE, CHECKPOINT_PREFIX, META_STATE_GEN};
 use super::raft_log::read_entries;
 use super::{cf, StorageError};
 
@@ -21,11 +25,116 @@ use super::{cf, StorageError};
 #[derive(Clone)]
 pub struct StateStore {
     db: Arc<DB>,
+    generation: u64,
 }
 
 impl StateStore {
-    pub(super) fn new(db: Arc<DB>) -> Self {
-        StateStore { db }
+    pub(super) fn new(db: Arc<DB>, generation: u64) -> Self {
+        StateStore { db, generation }
+    }
+
+    fn key(&self, key: &[u8]) -> Vec<u8> {
+        keys::in_generation(self.generation, key)
+    }
+
+    /// The generation this handle reads and writes.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Moves to `generation` (an installed snapshot's) and deletes every other generation's
+    /// records. The switch itself was made durable by the raft side's install write.
+    pub fn switch_generation(&mut self, generation: u64) -> Result<(), StorageError> {
+        self.generation = generation;
+        self.drop_other_generations()
+    }
+
+    /// Deletes the records of every generation but this one: leftovers of a replaced state or
+    /// of a download that never completed.
+    pub fn drop_other_generations(&self) -> Result<(), StorageError> {
+        let state = cf(&self.db, CF_STATE)?;
+        let mut batch = WriteBatch::default();
+        if self.generation > 0 {
+            batch.delete_range_cf(
+                state,
+                keys::generation_prefix(0),
+                keys::generation_prefix(self.generation),
+            );
+        }
+        if let Some(next) = self.generation.checked_add(1) {
+            batch.delete_range_cf(state, keys::generation_prefix(next), [0xffu8; 8]);
+        }
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Empties `generation` so a snapshot can be staged into it.
+    pub fn stage_begin(&self, generation: u64) -> Result<(), StorageError> {
+        if generation == self.generation {
+            return Err(StorageError::Invalid(format!(
+                "cannot stage a snapshot into the generation in use ({generation})"
+            )));
+        }
+        let state = cf(&self.db, CF_STATE)?;
+        let end = keys::generation_prefix(generation.saturating_add(1));
+        self.db
+            .delete_range_cf(state, keys::generation_prefix(generation), end)?;
+        Ok(())
+    }
+
+    /// Writes staged records (keys relative to a generation) into `generation`. Not synced: the
+    /// install's synced write makes them durable (RocksDB's log is ordered).
+    pub fn stage_put(
+        &self,
+        generation: u64,
+        records: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<(), StorageError> {
+        if generation == self.generation {
+            return Err(StorageError::Invalid(format!(
+                "cannot stage a snapshot into the generation in use ({generation})"
+            )));
+        }
+        let state = cf(&self.db, CF_STATE)?;
+        let mut batch = WriteBatch::default();
+        for (key, value) in records {
+            batch.put_cf(state, keys::in_generation(generation, key), value);
+        }
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Calls `each` with every record of the state (keys relative to the generation) as of one
+    /// instant: a RocksDB snapshot pins it, so the apply stage may go on meanwhile. Reads the
+    /// generation the node's meta records name at that instant, whose records are complete.
+    /// Stops early, without error, when `each` returns false.
+    pub fn for_each_record(
+        &self,
+        mut each: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError> {
+        let snapshot = self.db.snapshot();
+        let meta = cf(&self.db, CF_META)?;
+        let generation = match snapshot.get_cf(meta, META_STATE_GEN)? {
+            Some(bytes) => keys::decode_u64("state_generation", &bytes)?,
+            None => 0,
+        };
+        let state = cf(&self.db, CF_STATE)?;
+        let prefix = keys::generation_prefix(generation);
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_upper_bound(keys::generation_prefix(generation.saturating_add(1)));
+        opts.set_snapshot(&snapshot);
+        let iter =
+            self.db
+                .iterator_cf_opt(state, opts, IteratorMode::From(&prefix, Direction::Forward));
+        for item in iter {
+            let (key, value) = item?;
+            let Some(relative) = key.strip_prefix(&prefix[..]) else {
+                break;
+            };
+            if !each(relative, &value) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Writes the tenant's checkpoint bytes, plus the module bytes if given, in one `WriteBatch`.
@@ -42,9 +151,9 @@ impl StateStore {
         let mut batch = WriteBatch::default();
         if let Some((hash_hex, bytes)) = module {
             check_hash(hash_hex)?;
-            batch.put_cf(state, keys::module_key(hash_hex), bytes);
+            batch.put_cf(state, self.key(&keys::module_key(hash_hex)), bytes);
         }
-        batch.put_cf(state, keys::checkpoint_key(tenant), checkpoint);
+        batch.put_cf(state, self.key(&keys::checkpoint_key(tenant)), checkpoint);
         self.db.write(batch)?;
         Ok(())
     }
@@ -52,27 +161,30 @@ impl StateStore {
     /// Removes the tenant's checkpoint (its module stays, see the module doc).
     pub fn delete_checkpoint(&self, tenant: &str) -> Result<(), StorageError> {
         let state = cf(&self.db, CF_STATE)?;
-        self.db.delete_cf(state, keys::checkpoint_key(tenant))?;
+        self.db
+            .delete_cf(state, self.key(&keys::checkpoint_key(tenant)))?;
         Ok(())
     }
 
     /// The tenant's checkpoint bytes, if one is stored.
     pub fn checkpoint(&self, tenant: &str) -> Result<Option<Vec<u8>>, StorageError> {
         let state = cf(&self.db, CF_STATE)?;
-        Ok(self.db.get_cf(state, keys::checkpoint_key(tenant))?)
+        Ok(self
+            .db
+            .get_cf(state, self.key(&keys::checkpoint_key(tenant)))?)
     }
 
     /// Every stored checkpoint as (tenant, checkpoint bytes), in tenant byte order.
     pub fn checkpoints(&self) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
         let state = cf(&self.db, CF_STATE)?;
         let mut out = Vec::new();
-        let iter = self.db.iterator_cf(
-            state,
-            IteratorMode::From(CHECKPOINT_PREFIX, Direction::Forward),
-        );
+        let prefix = self.key(CHECKPOINT_PREFIX);
+        let iter = self
+            .db
+            .iterator_cf(state, IteratorMode::From(&prefix, Direction::Forward));
         for item in iter {
             let (key, value) = item?;
-            let Some(tenant) = key.strip_prefix(CHECKPOINT_PREFIX) else {
+            let Some(tenant) = key.strip_prefix(prefix.as_slice()) else {
                 break;
             };
             let tenant = String::from_utf8(tenant.to_vec()).map_err(|_| {
@@ -87,7 +199,9 @@ impl StateStore {
     pub fn module(&self, hash_hex: &str) -> Result<Option<Vec<u8>>, StorageError> {
         check_hash(hash_hex)?;
         let state = cf(&self.db, CF_STATE)?;
-        Ok(self.db.get_cf(state, keys::module_key(hash_hex))?)
+        Ok(self
+            .db
+            .get_cf(state, self.key(&keys::module_key(hash_hex)))?)
     }
 
     /// Committed entries in [low, high) for replay; the caller knows they are committed, hence

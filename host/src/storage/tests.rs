@@ -252,7 +252,14 @@ fn hard_state_and_conf_state_survive_reopen() {
         let (mut raft, _) = open_at(dir.path());
         raft.append(&entries(1..=3, 4), Some(&hs), true).unwrap();
         raft.set_commit(3).unwrap();
-        raft.set_conf_state(&cs).unwrap();
+        let book = wraft_proto::peer::PeerBook {
+            peers: vec![wraft_proto::peer::PeerRecord {
+                id: 5,
+                addr: "h:5".into(),
+                incarnation: 7,
+            }],
+        };
+        raft.set_conf_state(&cs, 3, &book).unwrap();
         assert_eq!(raft.hard_state().commit, 3);
         assert!(raft.set_commit(4).is_err(), "commit beyond the log");
     }
@@ -268,6 +275,108 @@ fn hard_state_and_conf_state_survive_reopen() {
     assert_eq!(state.conf_state, cs);
     assert_eq!(raft.hard_state(), want);
     assert_eq!(raft.conf_state(), cs);
+    assert_eq!(
+        raft.conf_applied(),
+        3,
+        "a restart must not apply the change again"
+    );
+    assert_eq!(raft.peers().map(|b| b.peers[0].incarnation), Some(7));
+}
+
+#[test]
+fn compaction_drops_the_log_and_serves_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let cs = ConfState {
+        voters: vec![1, 2, 3],
+        ..Default::default()
+    };
+    {
+        let (mut raft, _) = open_at(dir.path());
+        assert!(raft.snapshot(0, 2).is_err(), "nothing compacted yet");
+        let hs = HardState {
+            term: 2,
+            commit: 8,
+            ..Default::default()
+        };
+        raft.append(&entries(1..=10, 2), Some(&hs), true).unwrap();
+        assert!(raft.compact(9, &cs).is_err(), "beyond the commit index");
+        raft.compact(5, &cs).unwrap();
+        assert_eq!(raft.first_index().unwrap(), 6);
+        assert_eq!(raft.term(5).unwrap(), 2);
+        assert!(raft.entries(4, 7, None, ctx()).is_err(), "compacted");
+        assert_eq!(raft.entries(6, 11, None, ctx()).unwrap().len(), 5);
+        let snap = raft.snapshot(0, 2).unwrap();
+        assert_eq!(snap.get_metadata().index, 5);
+        assert_eq!(snap.get_metadata().get_conf_state(), &cs);
+        assert!(decode_descriptor(snap.get_data()).is_ok());
+    }
+    // The compaction point survives a restart.
+    let (raft, _) = open_at(dir.path());
+    assert_eq!(
+        (raft.first_index().unwrap(), raft.last_index().unwrap()),
+        (6, 10)
+    );
+    assert_eq!(raft.snapshot_index(), 5);
+}
+
+#[test]
+fn an_installed_snapshot_replaces_log_and_state_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut raft, state) = open_at(dir.path());
+    raft.append(&entries(1..=3, 1), None, true).unwrap();
+    state.put_checkpoint("old", b"old state", None).unwrap();
+    // Stage the leader's state under the next generation, then install.
+    let next = raft.generation() + 1;
+    state.stage_begin(next).unwrap();
+    state
+        .stage_put(
+            next,
+            &[(keys::checkpoint_key("new"), b"new state".to_vec())],
+        )
+        .unwrap();
+    assert_eq!(
+        state.checkpoints().unwrap().len(),
+        1,
+        "staging is invisible"
+    );
+    let mut snap = raft::eraftpb::Snapshot::default();
+    let descriptor = wraft_proto::peer::SnapshotDescriptor {
+        cluster_id: ID.cluster_id,
+        peers: vec![],
+    };
+    snap.set_data(prost::Message::encode_to_vec(&descriptor).into());
+    snap.mut_metadata().index = 50;
+    snap.mut_metadata().term = 4;
+    snap.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
+    let hs = HardState {
+        term: 4,
+        commit: 20,
+        ..Default::default()
+    };
+    raft.apply_snapshot(&snap, Some(&hs), next).unwrap();
+    assert_eq!(
+        (raft.first_index().unwrap(), raft.last_index().unwrap()),
+        (51, 50)
+    );
+    assert_eq!(
+        raft.hard_state().commit,
+        50,
+        "commit raised to the snapshot"
+    );
+    drop((raft, state));
+    // After a restart (the apply stage never switched): the new generation is in force.
+    let (raft, state) = open_at(dir.path());
+    assert_eq!(raft.generation(), next);
+    let cps = state.checkpoints().unwrap();
+    assert_eq!(cps, vec![("new".to_string(), b"new state".to_vec())]);
+    let mut seen = Vec::new();
+    state
+        .for_each_record(|k, _| {
+            seen.push(k.to_vec());
+            true
+        })
+        .unwrap();
+    assert_eq!(seen, vec![keys::checkpoint_key("new")]);
 }
 
 #[test]
