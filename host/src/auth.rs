@@ -52,7 +52,7 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// Why a secret file or a token could not be used (CLI and startup side).
+/// Why a secret file could not be used (by `serve` at startup, or by `wraft auth token`).
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
     #[error("read auth secret {}: {source}", path.display())]
@@ -263,13 +263,22 @@ impl Auth {
             (Access::Tenant(tenant), Principal::Tenant(own)) if own == tenant => Ok(principal),
             (Access::Tenant(tenant), Principal::Tenant(own)) => Err(Denied::OtherTenant {
                 own: own.clone(),
-                tenant: tenant.to_string(),
+                tenant: shown(tenant),
             }),
             (Access::Admin(action), Principal::Tenant(own)) => Err(Denied::NotAdmin {
                 action,
                 own: own.clone(),
             }),
         }
+    }
+}
+
+/// A requested tenant name as an error message may show it. The check runs before the name
+/// is validated, so a name that is not one (a megabyte of it, say) is not echoed back.
+fn shown(tenant: &str) -> String {
+    match crate::limits::check_tenant_name(tenant) {
+        Ok(()) => tenant.to_string(),
+        Err(_) => "(an invalid tenant name)".to_string(),
     }
 }
 
@@ -381,6 +390,15 @@ mod tests {
                 own: "a".into(),
                 tenant: "b".into()
             })
+        );
+        let huge = "x/".repeat(100_000);
+        assert_eq!(
+            auth.check(&a, Access::Tenant(&huge)),
+            Err(Denied::OtherTenant {
+                own: "a".into(),
+                tenant: "(an invalid tenant name)".into()
+            }),
+            "an invalid name is not echoed"
         );
         assert!(matches!(
             auth.check(&a, Access::Admin("deleting a tenant")),

@@ -8,6 +8,7 @@
 //!   before the Raft loop drops the log.
 //! - `compacted`: the Raft loop dropped the log up to the compaction point.
 //! - `snapshot-sending`: a leader is half-way through streaming a snapshot.
+//! - `snapshot-receiving`: a follower has received the first chunk of a snapshot (of several).
 //! - `snapshot-staged`: a follower has staged a whole snapshot, before raft installs it.
 //! - `snapshot-installing`: just before the install's synced write.
 //! - `snapshot-installed`: the install's write is durable; the apply stage has not switched.

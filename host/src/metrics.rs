@@ -6,7 +6,7 @@
 //! labelled by tenant name and peer id.
 
 use std::net::SocketAddr;
-use std::sync::LazyLock;
+use std::sync::{LazyLock, Mutex, OnceLock};
 use std::time::Instant;
 
 use prometheus::{
@@ -41,6 +41,9 @@ pub struct Metrics {
     pub fuel_used: IntCounterVec,
     pub apply_seconds: HistogramVec,
     pub tenant_memory_bytes: IntGaugeVec,
+    // Wasm, per process: copied from the runtime's own counters at scrape time
+    pub wasm_compilations: IntCounter,
+    pub wasm_compile_cache_hits: IntCounter,
     // gRPC
     pub grpc_requests: IntCounterVec,
     pub grpc_seconds: HistogramVec,
@@ -162,6 +165,14 @@ impl Metrics {
                 &["tenant"],
             )
             .unwrap_or_else(|e| panic!("metric wasm_memory_bytes: {e}")),
+            wasm_compilations: counter(
+                "wasm_compilations_total",
+                "Modules compiled (not found in the module cache).",
+            ),
+            wasm_compile_cache_hits: counter(
+                "wasm_compile_cache_hits_total",
+                "Modules loaded from the module cache instead of compiled.",
+            ),
             grpc_requests: counters(
                 "grpc_requests_total",
                 "Client API requests by method and status code.",
@@ -220,6 +231,8 @@ impl Metrics {
             Box::new(m.fuel_used.clone()),
             Box::new(m.apply_seconds.clone()),
             Box::new(m.tenant_memory_bytes.clone()),
+            Box::new(m.wasm_compilations.clone()),
+            Box::new(m.wasm_compile_cache_hits.clone()),
             Box::new(m.grpc_requests.clone()),
             Box::new(m.grpc_seconds.clone()),
             Box::new(m.peer_messages_sent.clone()),
@@ -238,6 +251,7 @@ impl Metrics {
 
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
+        self.copy_wasm_runtime_counters();
         let mut buf = Vec::new();
         if let Err(err) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             return format!("# encoding metrics failed: {err}\n");
@@ -248,6 +262,34 @@ impl Metrics {
 
 /// The process's metrics.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The node's Wasm runtime, whose compile counters `/metrics` reports.
+static WASM_RUNTIME: OnceLock<crate::wasm::Runtime> = OnceLock::new();
+
+/// Reports `runtime`'s compilations and compile-cache hits in `/metrics` (one runtime per
+/// process: later calls are ignored).
+pub fn watch_wasm_runtime(runtime: &crate::wasm::Runtime) {
+    let _ = WASM_RUNTIME.set(runtime.clone());
+}
+
+impl Metrics {
+    fn copy_wasm_runtime_counters(&self) {
+        let Some(runtime) = WASM_RUNTIME.get() else {
+            return;
+        };
+        // One scrape at a time: two at once could both add the same difference.
+        static COPYING: Mutex<()> = Mutex::new(());
+        let _copying = COPYING
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let stats = runtime.stats();
+        let catch_up = |counter: &IntCounter, total: u64| {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        };
+        catch_up(&self.wasm_compilations, stats.compilations);
+        catch_up(&self.wasm_compile_cache_hits, stats.cache_hits);
+    }
+}
 
 /// Records one client API request: count by method and code, and latency.
 pub fn observe_grpc<T>(method: &'static str, started: Instant, result: &Result<T, tonic::Status>) {

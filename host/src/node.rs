@@ -62,6 +62,9 @@ pub struct NodeConfig {
 /// Default for [`NodeConfig::snapshot_entries`].
 pub const DEFAULT_SNAPSHOT_ENTRIES: u64 = 20_000;
 
+/// How long a joining node retries while other membership changes are in progress.
+const JOIN_PATIENCE: Duration = Duration::from_secs(60);
+
 /// How close to the leader's commit index a learner must be before it asks to become a voter.
 const PROMOTE_LAG: u64 = 100;
 
@@ -201,17 +204,30 @@ pub async fn run(
     }
     if let Some(client) = &join_client {
         if join_members.is_some() {
-            let added = client
-                .change_members(vec![MemberChange {
-                    kind: member_change::Kind::AddLearner as i32,
-                    id: config.id,
-                    addr: advertise.clone(),
-                    incarnation,
-                }])
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!("--join: the cluster refused to add this node: {e}")
-                })?;
+            // Another node may be joining at the same moment: raft takes one membership change
+            // at a time, so a busy answer is retried for a while.
+            let change = MemberChange {
+                kind: member_change::Kind::AddLearner as i32,
+                id: config.id,
+                addr: advertise.clone(),
+                incarnation,
+            };
+            let deadline = tokio::time::Instant::now() + JOIN_PATIENCE;
+            let added = loop {
+                match client.change_members(vec![change.clone()]).await {
+                    Ok(added) => break added,
+                    Err(crate::client::ClientError::Status(s))
+                        if s.message().contains("in progress")
+                            && tokio::time::Instant::now() < deadline =>
+                    {
+                        tracing::info!(
+                            "another membership change is in progress; retrying the join"
+                        );
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    Err(e) => bail!("--join: the cluster refused to add this node: {e}"),
+                }
+            };
             tracing::info!(index = added.index, "joined the cluster as a learner");
         }
     }
@@ -222,7 +238,10 @@ pub async fn run(
             .unwrap_or_default(),
     ));
 
-    let runtime = Runtime::new().context("start the wasm runtime")?;
+    // Compiled modules outlive the process: a restarted node loads instead of compiling.
+    let runtime = Runtime::with_cache_dir(config.data_dir.join("module-cache"))
+        .context("start the wasm runtime")?;
+    crate::metrics::watch_wasm_runtime(&runtime);
     let limits = Limits::default();
     let view = Arc::new(RwLock::new(AppliedView::default()));
     let modules = Arc::new(Mutex::new(HashMap::new()));
@@ -296,6 +315,9 @@ pub async fn run(
     let applied = stage.applied_index();
     let apply_thread = std::thread::Builder::new()
         .name("apply".into())
+        // Guest calls run here: room for the sandbox's deterministic stack bound plus host
+        // frames, so a deep recursion hits that bound, never the thread's end.
+        .stack_size(crate::wasm::GUEST_THREAD_STACK_BYTES)
         .spawn(move || stage.run(apply_rx))
         .context("spawn the apply thread")?;
     let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel::<String>();

@@ -161,9 +161,12 @@ pub struct RaftLoop {
     pending_conf: Option<PendingConf>,
     /// The snapshot staged for raft to install: (index, generation).
     staged: Option<(u64, u64)>,
+    /// Set when a conf change added nodes: a snapshot for them must name them, so the apply
+    /// stage is asked to make a compaction point past the change.
+    compact_soon: bool,
     /// On the leader: snapshots sent, by follower, with when; a transfer that stalls is
     /// reported failed so raft sends a new one (raft-rs would otherwise wait forever).
-    snapshots_out: HashMap<u64, Instant>,
+    snapshots_out: HashMap<u64, SnapshotOut>,
     /// Shared with the peer service (which serves snapshots up to it) and the snapshot
     /// receiver (which stages into the next generation).
     compacted: Arc<AtomicU64>,
@@ -173,6 +176,15 @@ pub struct RaftLoop {
 /// How long a snapshot transfer to a follower may go without finishing before raft is told it
 /// failed (and sends another).
 const SNAPSHOT_STALL: Duration = Duration::from_secs(60);
+/// How long after its last chunk left a follower has to acknowledge a snapshot; one that
+/// crashed meanwhile never will, and raft-rs would wait for it forever.
+const SNAPSHOT_ACK_GRACE: Duration = Duration::from_secs(3);
+
+/// A snapshot sent to a follower: when, and when its stream completed.
+struct SnapshotOut {
+    sent: Instant,
+    streamed: Option<Instant>,
+}
 
 struct PendingRead {
     issued: Instant,
@@ -224,6 +236,7 @@ impl RaftLoop {
             conf_history,
             pending_conf: None,
             staged: None,
+            compact_soon: false,
             snapshots_out: HashMap::new(),
             compacted,
             generation,
@@ -267,6 +280,8 @@ impl RaftLoop {
                                 if !complete {
                                     self.snapshots_out.remove(&to);
                                     self.raw.report_snapshot(to, raft::SnapshotStatus::Failure);
+                                } else if let Some(out) = self.snapshots_out.get_mut(&to) {
+                                    out.streamed = Some(Instant::now());
                                 }
                             }
                             RaftInput::LearnIncarnation { id, incarnation } => {
@@ -648,6 +663,9 @@ impl RaftLoop {
             self.handed = last.index;
         }
         let _ = self.apply.send(ApplyInput::Committed(entries));
+        if std::mem::take(&mut self.compact_soon) {
+            let _ = self.apply.send(ApplyInput::CompactNow);
+        }
     }
 
     /// Applies one committed conf change to raft and records it with the address book it
@@ -681,7 +699,11 @@ impl RaftLoop {
         match result {
             Ok((cc, cs)) => {
                 crate::crashpoint::hit("conf-change-applied");
-                let book = self.book_after(&cc);
+                let book = self.book_after(&cc, entry.get_context());
+                self.compact_soon |= cc
+                    .get_changes()
+                    .iter()
+                    .any(|c| c.get_change_type() != ConfChangeType::RemoveNode);
                 if let Err(err) = self.raw.mut_store().set_conf_state(
                     &cs,
                     entry.index,
@@ -734,11 +756,12 @@ impl RaftLoop {
         }
     }
 
-    /// The address book after `cc`: added nodes come with their record in the context.
-    fn book_after(&self, cc: &ConfChangeV2) -> crate::members::Book {
+    /// The address book after `cc`: added nodes come with their record in the entry's context
+    /// (raft-rs puts `propose_conf_change`'s context there, not in the change).
+    fn book_after(&self, cc: &ConfChangeV2, context: &[u8]) -> crate::members::Book {
         let mut book = self.members.read().map(|b| b.clone()).unwrap_or_default();
-        let context = <wraft_proto::peer::PeerBook as prost::Message>::decode(cc.get_context())
-            .unwrap_or_default();
+        let context =
+            <wraft_proto::peer::PeerBook as prost::Message>::decode(context).unwrap_or_default();
         for change in cc.get_changes() {
             match change.get_change_type() {
                 ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
@@ -993,7 +1016,13 @@ impl RaftLoop {
                     "sending a snapshot"
                 );
                 METRICS.snapshots_sent.inc();
-                self.snapshots_out.insert(m.to, Instant::now());
+                self.snapshots_out.insert(
+                    m.to,
+                    SnapshotOut {
+                        sent: Instant::now(),
+                        streamed: None,
+                    },
+                );
             }
         }
     }
@@ -1007,11 +1036,14 @@ impl RaftLoop {
         let now = Instant::now();
         let mut failed = Vec::new();
         let prs = self.raw.raft.prs();
-        self.snapshots_out.retain(|id, since| {
+        self.snapshots_out.retain(|id, out| {
             let waiting = prs
                 .get(*id)
                 .is_some_and(|pr| pr.state == raft::ProgressState::Snapshot);
-            if waiting && now.duration_since(*since) > SNAPSHOT_STALL {
+            let unacknowledged = out
+                .streamed
+                .is_some_and(|at| now.duration_since(at) > SNAPSHOT_ACK_GRACE);
+            if waiting && (now.duration_since(out.sent) > SNAPSHOT_STALL || unacknowledged) {
                 failed.push(*id);
                 return false;
             }

@@ -387,6 +387,10 @@ impl Receiver {
                 .iter()
                 .map(|r| r.key.len() + r.value.len())
                 .sum();
+            if self.progress.bytes.load(Ordering::Relaxed) > 0 && !chunk.last {
+                // Not the first chunk, and more follow: the transfer is under way.
+                crate::crashpoint::hit("snapshot-receiving");
+            }
             self.progress
                 .bytes
                 .fetch_add(bytes as u64, Ordering::Relaxed);

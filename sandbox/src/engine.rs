@@ -2,9 +2,9 @@
 //!
 //! Owns the one place where wasmtime is configured and the checks a module must pass before it
 //! can be instantiated. Keeps true: a [`Module`] that exists was rewritten with the stack bound
-//! (its only import is the stack counter), has a 32-bit
-//! non-shared `memory` that fits the memory limit, and every ABI export with its exact
-//! signature, so instantiation and calls never meet a missing or mistyped function.
+//! (its only import is the stack counter), has a 32-bit non-shared `memory` that fits the
+//! memory limit, and every ABI export with its exact signature, so instantiation and calls
+//! never meet a missing or mistyped function.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;

@@ -3,15 +3,18 @@
 //! Owns the engine configuration, module validation against the wraft ABI, and every call into
 //! a guest. Keeps true: **the same module, limits and inputs give the same result on every
 //! replica** — no imports reach a module (so no clock, randomness or I/O), floats produce
-//! canonical NaNs, fuel (never wall-clock time) bounds each call, and memory growth beyond
+//! canonical NaNs, fuel (never wall-clock time) bounds each call, stack depth is counted in
+//! units fixed by the code (never native bytes), and memory growth beyond
 //! [`Limits::memory_bytes`] is refused the same way everywhere. Nothing a module does can
 //! panic the host: hostile results are bounds-checked and size-capped before they are copied.
 //!
 //! # Cost and lifetime of the types
 //!
-//! - [`Runtime`]: one per process; wraps the `wasmtime::Engine` (cheap to clone).
-//! - [`Module`]: compiled code, expensive to make (Cranelift), cheap to clone; keyed by
-//!   [`Module::hash`], the SHA-256 of the deployed bytes.
+//! - [`Runtime`]: one per process; wraps the `wasmtime::Engine` and the compile cache (cheap
+//!   to clone; clones share the cache and [`Runtime::stats`]).
+//! - [`Module`]: compiled code, expensive to make (Cranelift; the cache makes it a file read
+//!   after the first time), cheap to clone; keyed by [`Module::hash`], the SHA-256 of the
+//!   deployed bytes (not of the rewritten module that is actually compiled).
 //! - [`Instance`]: one tenant's live state (its own store and linear memory); cheap to create.
 //!   After an error whose [`CallError::poisons_instance`] is true its memory may be half
 //!   changed: discard it and rebuild from a snapshot plus the log.
@@ -56,14 +59,15 @@
 //! Stack depth is bounded in *stack units*, not native bytes: before compiling, every module
 //! is rewritten so that each function charges a cost fixed by its own code (1 unit per
 //! parameter, declared local, result and value of its deepest operand stack, plus 4 per frame)
-//! on entry
-//! and gives it back on return. A call whose frames would need more than
+//! on entry and gives it back on return. A call whose frames would need more than
 //! [`Limits::stack_units`] traps with [`CallError::StackLimit`] at the same depth on every
-//! machine (see `stack.rs`). wasmtime's own native guard, which trips at a depth that depends
-//! on the CPU and the compiler's frame layout, sits above the unit bound
-//! ([`MAX_STACK_UNITS`] units × [`STACK_UNIT_BYTES`] bytes), so it is never what stops a call;
-//! every thread that runs guest code needs [`GUEST_THREAD_STACK_BYTES`] of stack for that to
-//! hold. The rewrite's extra instructions burn fuel like any other, which is part of the
+//! machine (see `stack.rs`). wasmtime's own native guard, whose depth depends on the CPU and
+//! the compiler's frame layout, sits above the unit bound: [`MAX_STACK_UNITS`] units ×
+//! [`STACK_UNIT_BYTES`] bytes, at least twice what the largest frames measured per unit need.
+//! It can therefore only trip on entry to a function that costs more units than remain, where
+//! the unit bound trips too, and it is reported as the same [`CallError::StackLimit`]. For that
+//! to hold, every thread that runs guest code needs [`GUEST_THREAD_STACK_BYTES`] of stack.
+//! The rewrite's extra instructions burn fuel like any other; the rewrite is part of the
 //! engine ([`ENGINE`]).
 //!
 //! # Compile cache

@@ -26,7 +26,8 @@
 //!
 //! Keeps true: the rewritten module computes exactly what the original does (it only adds an
 //! imported global, which shifts the module's global indices by one, and, for functions with
-//! several results, one block type per distinct result list), and its only import is ours.
+//! several results, one block type per distinct result list; custom sections other than names
+//! are dropped), and its only import is ours.
 
 use std::collections::HashMap;
 
@@ -74,7 +75,7 @@ struct Analysis {
 }
 
 /// The cost of each defined function of an instrumented module, by defined-function index;
-/// for tests and for documentation of the limits.
+/// for tests.
 #[cfg(test)]
 pub(crate) fn costs(wasm: &[u8]) -> Result<Vec<u32>, WasmError> {
     Ok(analyze(wasm)?.funcs.iter().map(|f| f.cost).collect())
@@ -268,15 +269,15 @@ impl Reencode for Rewriter<'_> {
         module: &mut wasm_encoder::Module,
         section: wasmparser::CustomSectionReader<'_>,
     ) -> Result<(), reencode::Error<String>> {
-        // A malformed name section does not make a module invalid and names never change what
-        // it computes: drop it rather than refuse the module.
+        // Only names are kept: other custom sections (DWARF, branch hints, producers) may hold
+        // code offsets that the rewrite invalidates, and none changes what a module computes.
+        // A malformed name section does not make a module invalid either: it is dropped too.
         if let wasmparser::KnownCustom::Name(names) = section.as_known() {
             if let Ok(names) = self.custom_name_section(names) {
                 module.section(&names);
             }
-            return Ok(());
         }
-        reencode::utils::parse_custom_section(self, module, section)
+        Ok(())
     }
 
     fn parse_function_body(

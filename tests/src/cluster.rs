@@ -66,12 +66,22 @@ fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
+fn owned_env(env: &[(&str, &str)]) -> Vec<(String, String)> {
+    env.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 /// One member's process and files.
 struct Node {
     id: NodeId,
     port: u16,
     data_dir: PathBuf,
     log_path: PathBuf,
+    /// For a node added after the start: the members it joins through (`--join`).
+    join: Option<String>,
+    /// Environment of the next boot only (crash points), taken by it.
+    next_env: Mutex<Vec<(String, String)>>,
     /// The running process. A std mutex: it is never held across an await.
     proc: Mutex<Proc>,
 }
@@ -95,6 +105,8 @@ pub struct ClusterOptions {
     pub seed: u64,
     /// Extra environment variables of every node process.
     pub env: Vec<(String, String)>,
+    /// Extra `wraft serve` arguments of every node (e.g. `--snapshot-entries 100`).
+    pub args: Vec<String>,
 }
 
 /// A set of `wraft` nodes that were started together with the same `--peers`.
@@ -107,6 +119,10 @@ pub struct Cluster {
     net: Option<Network>,
     /// Extra environment of every node process (every boot).
     env: Vec<(String, String)>,
+    /// Extra `wraft serve` arguments of every node.
+    args: Vec<String>,
+    /// The highest node id ever used.
+    highest_id: NodeId,
     /// The token of the harness's own calls ([`Cluster::with_token`]).
     token: Option<String>,
 }
@@ -150,6 +166,8 @@ impl Cluster {
                     port,
                     data_dir: dir.path().join(format!("node-{id}")),
                     log_path: dir.path().join(format!("node-{id}.log")),
+                    join: None,
+                    next_env: Mutex::new(Vec::new()),
                     proc: Mutex::new(Proc::default()),
                 }
             })
@@ -169,6 +187,8 @@ impl Cluster {
             dir: Some(dir),
             net,
             env: opts.env,
+            args: opts.args,
+            highest_id: 0,
             token: None,
         };
         for id in cluster.ids() {
@@ -227,7 +247,7 @@ impl Cluster {
     /// The `wraft serve` arguments of a node (the same at every boot).
     pub fn serve_args(&self, id: NodeId) -> Vec<String> {
         let node = self.node(id);
-        vec![
+        let mut args: Vec<String> = vec![
             "serve".into(),
             "--id".into(),
             id.to_string(),
@@ -235,9 +255,79 @@ impl Cluster {
             format!("127.0.0.1:{}", node.port),
             "--data-dir".into(),
             node.data_dir.display().to_string(),
-            "--peers".into(),
-            self.peers.clone(),
-        ]
+        ];
+        match &node.join {
+            Some(join) => args.extend(["--join".into(), join.clone()]),
+            None => args.extend(["--peers".into(), self.peers.clone()]),
+        }
+        args.extend(self.args.iter().cloned());
+        args
+    }
+
+    /// Starts a new node that joins through the current members (`wraft serve --join`), with
+    /// `env` for its first boot only; returns its id (one above the highest so far).
+    pub fn add_joining_node(&mut self, env: &[(&str, &str)]) -> NodeId {
+        // Never reuse an id, not even one whose node was forgotten: raft ids are forever.
+        self.highest_id = self
+            .highest_id
+            .max(self.nodes.iter().map(|n| n.id).max().unwrap_or(0));
+        self.highest_id += 1;
+        let id = self.highest_id;
+        let port = free_ports(1)[0];
+        let join = self.endpoints();
+        self.nodes.push(Node {
+            id,
+            port,
+            data_dir: self.dir().join(format!("node-{id}")),
+            log_path: self.dir().join(format!("node-{id}.log")),
+            join: Some(join),
+            next_env: Mutex::new(owned_env(env)),
+            proc: Mutex::new(Proc::default()),
+        });
+        self.spawn(id);
+        id
+    }
+
+    /// Kills a node (if running) and drops it from the harness: for a member that was removed
+    /// from the cluster, so that waits on "every live node" no longer include it.
+    pub async fn forget(&mut self, id: NodeId) {
+        if self.is_running(id) {
+            self.kill(id).await;
+        }
+        self.highest_id = self.highest_id.max(id);
+        self.nodes.retain(|n| n.id != id);
+    }
+
+    /// Starts a stopped node again with `env` added for this boot only.
+    pub fn restart_with_env(&self, id: NodeId, env: &[(&str, &str)]) {
+        *self.node(id).next_env.lock().unwrap() = owned_env(env);
+        self.restart(id);
+    }
+
+    /// Waits (bounded) for a node's process to end on its own, e.g. at a crash point.
+    pub async fn wait_exit(&self, id: NodeId, timeout: Duration) -> ExitStatus {
+        wait_until(timeout, &format!("node {id} to exit"), move || async move {
+            if self.is_running(id) {
+                return Err(format!("node {id} still runs"));
+            }
+            let proc = self.node(id).proc.lock().unwrap();
+            proc.exited
+                .ok_or_else(|| format!("node {id} was not started"))
+        })
+        .await
+    }
+
+    /// Changes membership through node `via`.
+    pub async fn change_members(
+        &self,
+        via: NodeId,
+        changes: Vec<wraft_proto::client::MemberChange>,
+    ) -> Result<wraft_proto::client::ChangeMembersResponse, tonic::Status> {
+        let request = self.request(wraft_proto::client::ChangeMembersRequest { changes });
+        self.client(via)
+            .change_members(request)
+            .await
+            .map(|r| r.into_inner())
     }
 
     /// Spawns `wraft ARGS` with stdout and stderr appended to `log`, after a header line.
@@ -280,6 +370,8 @@ impl Cluster {
             args.push("--dial".into());
             args.push(net.dial_arg(id));
         }
+        let mut env = self.env.clone();
+        env.extend(std::mem::take(&mut *node.next_env.lock().unwrap()));
         let mut proc = node.proc.lock().unwrap();
         assert!(proc.child.is_none(), "node {id} is already running");
         proc.boots += 1;
@@ -288,7 +380,7 @@ impl Cluster {
             &args,
             &node.log_path,
             &header,
-            &self.env,
+            &env,
         ));
         proc.exited = None;
         proc.paused = false;

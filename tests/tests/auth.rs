@@ -345,7 +345,9 @@ async fn refusals_admin_rights_and_the_cli() {
     let cluster = start(3, &keys).await;
     let leader = cluster.leader().await;
     let follower = follower_of(&cluster, leader);
-    cluster.deploy(leader, "a", "kv").await;
+    let deployed = cluster.deploy(leader, "a", "kv").await;
+    // The CLI below asks the follower, whose listing must already hold the tenant.
+    cluster.wait_applied(follower, deployed.index).await;
     let a = Some(keys.a.as_str());
 
     // Another cluster's secret mints tokens of the same form that this one refuses.

@@ -409,6 +409,7 @@ async fn checker_catches_stale_reads() {
             proxies: true,
             seed,
             env: vec![(STALE_READS_ENV.into(), "1".into())],
+            ..Default::default()
         },
     )
     .await;

@@ -57,6 +57,8 @@ pub enum ApplyInput {
     /// Replace every tenant's state with an installed snapshot's, staged under `generation`;
     /// `index` is the snapshot's. Arrives in log order, before the entries that follow it.
     InstallSnapshot { index: u64, generation: u64 },
+    /// Make a compaction point now (a new member needs a snapshot that names it).
+    CompactNow,
     /// Checkpoint what changed, then stop.
     Shutdown,
     /// Stop at once, writing nothing: what `kill -9` does, for tests of replay.
@@ -228,7 +230,7 @@ impl ApplyStage {
         if self.applied < floor {
             self.applied = floor;
             self.last_pos = (floor, 0);
-            self.applied_shared.store(floor, Ordering::Release);
+            self.publish();
         }
     }
 
@@ -287,6 +289,11 @@ impl ApplyStage {
                     }
                 }
                 ApplyInput::Digest(task) => self.digest(task),
+                ApplyInput::CompactNow => {
+                    if self.snapshot_entries > 0 {
+                        self.checkpoint_for_compaction();
+                    }
+                }
                 ApplyInput::InstallSnapshot { index, generation } => {
                     self.install_snapshot(index, generation);
                     self.serve_parked();

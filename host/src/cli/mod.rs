@@ -144,6 +144,9 @@ pub fn main() -> ExitCode {
     crate::logging::init(json_logs);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Deploy validation instantiates modules on these threads (a start function runs):
+        // the same room as the apply thread (see `wasm::GUEST_THREAD_STACK_BYTES`).
+        .thread_stack_size(crate::wasm::GUEST_THREAD_STACK_BYTES)
         .build()
     {
         Ok(r) => r,

@@ -35,6 +35,9 @@ fn to_json(endpoint: &str, s: &StatusResponse) -> serde_json::Value {
         "term": s.term,
         "commit_index": s.commit_index,
         "applied_index": s.applied_index,
+        "snapshot_index": s.snapshot_index,
+        "receiving_snapshot": s.receiving_snapshot,
+        "snapshot_bytes_received": s.snapshot_bytes_received,
         "cluster_id": s.cluster_id,
         "members": s.members.iter().map(|m| json!({"id": m.id, "addr": m.addr, "voter": m.voter})).collect::<Vec<_>>(),
         "tenants": s.tenants.iter().map(|t| json!({"name": t.name, "module_hash": t.module_hash, "applied_index": t.applied_index})).collect::<Vec<_>>(),
@@ -58,17 +61,33 @@ pub async fn run(args: Args) -> ExitCode {
     for endpoint in &args.endpoints.endpoints {
         match client.status_at(endpoint).await {
             Ok(s) if args.json => println!("{}", to_json(endpoint, &s)),
-            Ok(s) => println!(
-                "{:<22} {:>4} {:<10} {:>6} {:>6} {:>10} {:>10} {:>7}",
-                endpoint,
-                s.node_id,
-                role_name(s.role),
-                s.leader_id,
-                s.term,
-                s.commit_index,
-                s.applied_index,
-                s.tenants.len()
-            ),
+            Ok(s) => {
+                println!(
+                    "{:<22} {:>4} {:<10} {:>6} {:>6} {:>10} {:>10} {:>7}{}",
+                    endpoint,
+                    s.node_id,
+                    role_name(s.role),
+                    s.leader_id,
+                    s.term,
+                    s.commit_index,
+                    s.applied_index,
+                    s.tenants.len(),
+                    if s.receiving_snapshot {
+                        format!(
+                            "  receiving a snapshot ({} bytes so far)",
+                            s.snapshot_bytes_received
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+                for f in &s.followers {
+                    println!(
+                        "{:<22}   follower {:>4} match {:>10} next {:>10} {}",
+                        "", f.id, f.match_index, f.next_index, f.state
+                    );
+                }
+            }
             Err(err) => {
                 all_ok = false;
                 if args.json {

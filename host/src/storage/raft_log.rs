@@ -538,8 +538,15 @@ impl raft::Storage for RaftStorage {
     /// address book); the follower downloads the state itself over `FetchSnapshot`, which
     /// serves this node's state as of the download (every checkpoint in it covers at least the
     /// compaction point, so entries after it replay correctly on top).
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        if self.snapshot_index == 0 || self.snapshot_index < request_index {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        // raft-rs on the receiver ignores a snapshot whose configuration does not name it: wait
+        // for a compaction past the change that added `to` (one is asked for when it applies).
+        let cs = &self.snapshot_conf;
+        let names_to = cs.voters.contains(&to)
+            || cs.learners.contains(&to)
+            || cs.voters_outgoing.contains(&to)
+            || cs.learners_next.contains(&to);
+        if self.snapshot_index == 0 || self.snapshot_index < request_index || !names_to {
             return Err(raft::Error::Store(
                 raft::StorageError::SnapshotTemporarilyUnavailable,
             ));
