@@ -53,3 +53,27 @@ pub fn json(bytes: &[u8]) -> serde_json::Value {
         )
     })
 }
+
+/// `GET /metrics` from a node's metrics port over plain HTTP/1.1: the body, or why not.
+pub async fn scrape_metrics(port: u16) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| format!("connect to metrics port {port}: {e}"))?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut raw = String::new();
+    stream
+        .read_to_string(&mut raw)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no HTTP header in {raw:?}"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("metrics answered {head:?}"));
+    }
+    Ok(body.to_string())
+}

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Child;
 use wraft_proto::client::{
     query_response, Consistency, DeployRequest, QueryRequest, Role, StatusRequest,
@@ -136,29 +135,6 @@ impl Drop for Nodes {
     }
 }
 
-/// `GET /metrics` over plain HTTP/1.1.
-async fn scrape(port: u16) -> Result<String, String> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .map_err(|e| format!("connect to metrics port {port}: {e}"))?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut raw = String::new();
-    stream
-        .read_to_string(&mut raw)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no HTTP header in {raw:?}"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!("metrics answered {head:?}"));
-    }
-    Ok(body.to_string())
-}
-
 /// The value of an unlabelled sample, if the text has it.
 fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -222,7 +198,9 @@ async fn a_restarted_node_loads_its_modules_instead_of_compiling() {
         },
     )
     .await;
-    let before = scrape(metrics).await.expect("scrape before the restart");
+    let before = wraft_tests::scrape_metrics(metrics)
+        .await
+        .expect("scrape before the restart");
     assert!(
         sample(&before, COMPILATIONS).unwrap_or(0.0) >= 1.0,
         "a first life compiles: {before}"
@@ -256,7 +234,7 @@ async fn a_restarted_node_loads_its_modules_instead_of_compiling() {
     let after = wait_until(
         Duration::from_secs(10),
         "the restarted follower's metrics",
-        || scrape(metrics),
+        || wraft_tests::scrape_metrics(metrics),
     )
     .await;
     assert_eq!(

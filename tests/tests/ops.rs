@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Child;
 use wraft_proto::client::{Consistency, QueryRequest, Role, StatusRequest};
 use wraft_tests::cluster::{connect, exec_on, exec_request, Cluster};
@@ -174,28 +173,6 @@ impl Drop for Nodes {
     }
 }
 
-async fn scrape(port: u16) -> Result<String, String> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .map_err(|e| format!("connect to metrics port {port}: {e}"))?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut raw = String::new();
-    stream
-        .read_to_string(&mut raw)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no HTTP header in {raw:?}"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!("metrics answered {head:?}"));
-    }
-    Ok(body.to_string())
-}
-
 /// Parses the Prometheus text format strictly enough to catch malformed output: every sample
 /// line is `name{labels} value` with a float value, and every family has HELP and TYPE.
 fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
@@ -276,7 +253,7 @@ async fn metrics_parse_and_counters_move_with_traffic() {
     for i in 0..5 {
         put(port, "m", &format!("k{i}"), "v").await;
     }
-    let before = parse_prometheus(&scrape(metrics).await.expect("scrape"));
+    let before = parse_prometheus(&wraft_tests::scrape_metrics(metrics).await.expect("scrape"));
     let applies = "wraft_wasm_applies_total{tenant=\"m\"}";
     let execs = "wraft_grpc_requests_total{code=\"Ok\",method=\"exec\"}";
     assert!(
@@ -298,7 +275,7 @@ async fn metrics_parse_and_counters_move_with_traffic() {
     for i in 0..7 {
         put(port, "m", &format!("k{i}"), "w").await;
     }
-    let after = parse_prometheus(&scrape(metrics).await.expect("scrape"));
+    let after = parse_prometheus(&wraft_tests::scrape_metrics(metrics).await.expect("scrape"));
     assert_eq!(sample(&after, applies) - sample(&before, applies), 7.0);
     assert_eq!(sample(&after, execs) - sample(&before, execs), 7.0);
     assert!(
