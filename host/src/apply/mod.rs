@@ -160,29 +160,13 @@ impl ApplyStage {
         modules: ModuleCache,
         view: SharedView,
     ) -> Result<(Self, u64), crate::storage::StorageError> {
-        let mut tenants = BTreeMap::new();
         let env = Env {
             runtime: &runtime,
             limits: &limits,
             store: &store,
             log_floor: 0,
         };
-        let mut replay_from: Option<u64> = None;
-        for (name, bytes) in store.checkpoints()? {
-            let cp = TenantCheckpoint::decode(bytes.as_slice()).map_err(|e| {
-                crate::storage::StorageError::Corrupt(format!("checkpoint of tenant {name}: {e}"))
-            })?;
-            let at = cp.index;
-            match Tenant::load(&env, cp) {
-                Ok(t) => {
-                    replay_from = Some(replay_from.map_or(at, |r: u64| r.min(at)));
-                    tenants.insert(name, t);
-                }
-                Err(err) => {
-                    return Err(crate::storage::StorageError::Unloadable(err.to_string()));
-                }
-            }
-        }
+        let (tenants, replay_from) = load_tenants(&env)?;
         // The checkpoint's own entry is delivered again: ops after its position in it apply.
         let raft_applied = replay_from.map_or(0, |i| i.saturating_sub(1));
         let mut stage = ApplyStage {
@@ -355,29 +339,15 @@ impl ApplyStage {
             store: &self.store,
             log_floor: index,
         };
-        let checkpoints = match self.store.checkpoints() {
-            Ok(c) => c,
-            Err(err) => {
-                self.halted = Some(format!("reading the installed snapshot at {index}: {err}"));
-                return;
+        match load_tenants(&env) {
+            Ok((tenants, _)) => {
+                changed.extend(tenants.keys().cloned());
+                self.tenants = tenants;
             }
-        };
-        for (name, bytes) in checkpoints {
-            let loaded = TenantCheckpoint::decode(bytes.as_slice())
-                .map_err(|e| format!("checkpoint of tenant {name}: {e}"))
-                .and_then(|cp| Tenant::load(&env, cp).map_err(|e| e.to_string()));
-            match loaded {
-                Ok(t) => {
-                    changed.insert(name.clone());
-                    self.tenants.insert(name, t);
-                }
-                Err(why) => {
-                    let why = format!(
-                        "the snapshot at {index} holds a tenant this node cannot load: {why}"
-                    );
-                    tracing::error!("{why}; this node stops applying");
-                    self.halted = Some(why);
-                }
+            Err(err) => {
+                let why = format!("loading the snapshot installed at {index}: {err}");
+                tracing::error!("{why}; this node stops applying");
+                self.halted = Some(why);
             }
         }
         self.log_floor = index;
@@ -709,4 +679,24 @@ impl ApplyStage {
         }
         tracing::info!(applied = self.applied, "apply stage stopped");
     }
+}
+
+/// Every tenant from its stored checkpoint, and the lowest checkpoint index (where replay
+/// must start): at startup, and after a snapshot is installed.
+fn load_tenants(
+    env: &Env,
+) -> Result<(BTreeMap<String, Tenant>, Option<u64>), crate::storage::StorageError> {
+    let mut tenants = BTreeMap::new();
+    let mut replay_from: Option<u64> = None;
+    for (name, bytes) in env.store.checkpoints()? {
+        let cp = TenantCheckpoint::decode(bytes.as_slice()).map_err(|e| {
+            crate::storage::StorageError::Corrupt(format!("checkpoint of tenant {name}: {e}"))
+        })?;
+        let at = cp.index;
+        let tenant = Tenant::load(env, cp)
+            .map_err(|err| crate::storage::StorageError::Unloadable(err.to_string()))?;
+        replay_from = Some(replay_from.map_or(at, |r| r.min(at)));
+        tenants.insert(name, tenant);
+    }
+    Ok((tenants, replay_from))
 }
