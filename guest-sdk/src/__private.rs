@@ -1,15 +1,18 @@
-//! The ABI v1 machinery behind [`crate::export_state_machine!`]; not a public API.
+//! The ABI v1 machinery behind [`crate::export_state_machine!`] and
+//! [`crate::export_store_state_machine!`]; not a public API.
 //!
 //! Owns the three guest-side buffers of the ABI: the pending input (handed out by
 //! `wraft_alloc`, taken back and freed by the following call), the result (valid until the next
-//! call) and the last panic message. Keeps true: nothing here panics on anything the host
-//! passes, so a hostile or buggy host gets an error status, never a trap from the SDK.
+//! call) and the last panic message. Sets the call mode for [`crate::storage`] around every
+//! call. Keeps true: nothing here panics on anything the host passes, so a hostile or buggy
+//! host gets an error status, never a trap from the SDK.
 
 use std::cell::RefCell;
 use std::sync::Once;
 use std::thread::LocalKey;
 
-use crate::StateMachine;
+use crate::host::{self, Mode};
+use crate::{StateMachine, StoreStateMachine};
 
 /// The status byte that opens every result buffer.
 const STATUS_OK: u8 = 0;
@@ -125,18 +128,21 @@ fn with_state<T: StateMachine, R>(
 /// `wraft_apply`.
 pub fn apply<T: StateMachine>(state: &'static StateCell<T>, ptr: i32, len: i32) -> i64 {
     install_panic_hook();
+    let _call = host::enter(Mode::Memory);
     reply(take_input(ptr, len).and_then(|input| with_state(state, |sm| sm.apply(&input))))
 }
 
 /// `wraft_query`.
 pub fn query<T: StateMachine>(state: &'static StateCell<T>, ptr: i32, len: i32) -> i64 {
     install_panic_hook();
+    let _call = host::enter(Mode::Memory);
     reply(take_input(ptr, len).and_then(|input| with_state(state, |sm| sm.query(&input))))
 }
 
 /// `wraft_snapshot`.
 pub fn snapshot<T: StateMachine>(state: &'static StateCell<T>) -> i64 {
     install_panic_hook();
+    let _call = host::enter(Mode::Memory);
     reply(with_state(state, |sm| Ok(sm.snapshot())))
 }
 
@@ -144,6 +150,7 @@ pub fn snapshot<T: StateMachine>(state: &'static StateCell<T>) -> i64 {
 /// even if the implementation only fills in what the snapshot mentions.
 pub fn restore<T: StateMachine>(state: &'static StateCell<T>, ptr: i32, len: i32) -> i64 {
     install_panic_hook();
+    let _call = host::enter(Mode::Memory);
     reply(take_input(ptr, len).and_then(|input| {
         with_state(state, |sm| {
             let mut fresh = T::default();
@@ -152,6 +159,61 @@ pub fn restore<T: StateMachine>(state: &'static StateCell<T>, ptr: i32, len: i32
             Ok(Vec::new())
         })
     }))
+}
+
+/// The version number `wraft_migrate` receives, which the host counts from 1.
+fn from_version(raw: i64) -> Result<u64, String> {
+    u64::try_from(raw).map_err(|_| format!("wraft SDK: wraft_migrate got version {raw}"))
+}
+
+/// `wraft_migrate` of a memory-model module: called on the new version after `restore`.
+pub fn migrate<T: StateMachine>(state: &'static StateCell<T>, version: i64) -> i64 {
+    install_panic_hook();
+    let _call = host::enter(Mode::Memory);
+    reply(from_version(version).and_then(|v| {
+        with_state(state, |sm| sm.migrate(v))?;
+        Ok(Vec::new())
+    }))
+}
+
+/// `wraft_apply` of a store-model module.
+pub fn store_apply<T: StoreStateMachine>(ptr: i32, len: i32) -> i64 {
+    install_panic_hook();
+    let input = take_input(ptr, len);
+    let _call = host::enter(Mode::Write);
+    reply(input.and_then(|input| T::apply(&input)))
+}
+
+/// `wraft_query` of a store-model module: storage is read-only.
+pub fn store_query<T: StoreStateMachine>(ptr: i32, len: i32) -> i64 {
+    install_panic_hook();
+    let input = take_input(ptr, len);
+    let _call = host::enter(Mode::Read);
+    reply(input.and_then(|input| T::query(&input)))
+}
+
+/// `wraft_snapshot` of a store-model module (generated: every pair, see
+/// [`crate::storage::encode_snapshot`]).
+pub fn store_snapshot() -> i64 {
+    install_panic_hook();
+    let _call = host::enter(Mode::Read);
+    reply(crate::storage::snapshot_store())
+}
+
+/// `wraft_restore` of a store-model module (generated: the store becomes the snapshot's
+/// pairs).
+pub fn store_restore(ptr: i32, len: i32) -> i64 {
+    install_panic_hook();
+    let input = take_input(ptr, len);
+    let _call = host::enter(Mode::Write);
+    reply(input.and_then(|input| crate::storage::restore_store(&input).map(|()| Vec::new())))
+}
+
+/// `wraft_migrate` of a store-model module.
+pub fn store_migrate<T: StoreStateMachine>(version: i64) -> i64 {
+    install_panic_hook();
+    let _call = host::enter(Mode::Write);
+    reply(from_version(version).and_then(|v| T::migrate(v).map(|()| Vec::new())))
 }
 
 /// `wraft_panic_message`: the last recorded panic message (empty if none), status 0.
@@ -239,6 +301,102 @@ mod tests {
         // The buffer was consumed; a call without `alloc` is refused too.
         apply::<Echo>(&STATE, 0, 0);
         assert_eq!(last_result().0, 1);
+    }
+
+    #[test]
+    fn migrate_export() {
+        assert_eq!(
+            {
+                migrate::<Echo>(&STATE, 1);
+                last_result()
+            },
+            (0, Vec::new())
+        );
+        migrate::<Echo>(&STATE, -1);
+        let (status, message) = last_result();
+        assert_eq!(status, 1);
+        assert!(String::from_utf8_lossy(&message).contains("version -1"));
+    }
+
+    /// Writes `key=value` in apply and in query (where it must fail).
+    struct Store;
+
+    impl StoreStateMachine for Store {
+        fn apply(command: &[u8]) -> Result<Vec<u8>, String> {
+            crate::storage::put(command, b"v")?;
+            Ok(b"ok".to_vec())
+        }
+        fn query(query: &[u8]) -> Result<Vec<u8>, String> {
+            crate::storage::put(query, b"v")?;
+            Ok(Vec::new())
+        }
+        fn migrate(from_version: u64) -> Result<(), String> {
+            crate::storage::put(b"from", &from_version.to_le_bytes())
+        }
+    }
+
+    /// Runs a store-model export natively against the fake host.
+    fn store_call(f: impl FnOnce() -> i64) -> ((u8, Vec<u8>), crate::host::fake::Store) {
+        use crate::host::fake::{self, Call};
+        let store = crate::host::fake::Store::default();
+        // The export sets its own mode; the fake only needs the storage.
+        let (result, call) = fake::run(
+            Mode::Idle,
+            crate::Context::default(),
+            Some(Call::new(store.clone())),
+            f,
+        );
+        result.unwrap();
+        call.unwrap().commit();
+        (last_result(), store)
+    }
+
+    fn with_input(input: &[u8]) -> i32 {
+        let ptr = alloc(input.len() as i32);
+        INPUT.with(|b| b.borrow_mut().copy_from_slice(input));
+        ptr
+    }
+
+    #[test]
+    fn store_exports() {
+        let (result, store) = store_call(|| {
+            let ptr = with_input(b"k");
+            store_apply::<Store>(ptr, 1)
+        });
+        assert_eq!(result, (0, b"ok".to_vec()));
+        assert_eq!(store.borrow().get(&b"k"[..]), Some(&b"v".to_vec()));
+
+        let (result, store) = store_call(|| {
+            let ptr = with_input(b"k");
+            store_query::<Store>(ptr, 1)
+        });
+        assert_eq!(result.0, 1);
+        assert!(String::from_utf8_lossy(&result.1).contains("read-only"));
+        assert!(store.borrow().is_empty());
+
+        let (result, store) = store_call(|| store_migrate::<Store>(3));
+        assert_eq!(result, (0, Vec::new()));
+        assert_eq!(
+            store.borrow().get(&b"from"[..]),
+            Some(&3u64.to_le_bytes().to_vec())
+        );
+        assert_eq!(store_call(|| store_migrate::<Store>(-5)).0 .0, 1);
+
+        // The generated snapshot of an empty store is the version byte; restore reads it.
+        assert_eq!(
+            store_call(store_snapshot).0,
+            (0, vec![crate::storage::SNAPSHOT_V1])
+        );
+        let (result, _) = store_call(|| {
+            let ptr = with_input(&[1]);
+            store_restore(ptr, 1)
+        });
+        assert_eq!(result, (0, Vec::new()));
+        let (result, _) = store_call(|| {
+            let ptr = with_input(&[9]);
+            store_restore(ptr, 1)
+        });
+        assert_eq!(result.0, 1);
     }
 
     #[test]

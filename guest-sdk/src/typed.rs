@@ -7,6 +7,10 @@
 //! unchanged; `snapshot` and `restore` stay on bytes, because a snapshot format outlives the
 //! code that wrote it (see the README on upgrades).
 //!
+//! [`TypedStoreStateMachine`] is the same for the store model: every one is a
+//! [`StoreStateMachine`], exported by [`crate::export_store_state_machine!`] and driven by
+//! [`crate::testing::StoreHarness`].
+//!
 //! Keeps true:
 //! - input that does not decode is the module's own error, `bad command: ...` or
 //!   `bad query: ...` (status 1, delivered to the client), never a panic, and your `apply`
@@ -75,7 +79,7 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::StateMachine;
+use crate::{StateMachine, StoreStateMachine};
 
 /// How commands, queries and outputs travel as bytes.
 ///
@@ -182,6 +186,13 @@ pub trait TypedStateMachine: Default + 'static {
     /// the *previous version's* snapshot bytes, also at every restart until the next checkpoint,
     /// so keep accepting every format that may still be stored.
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
+
+    /// The upgrade step after `restore`, as [`StateMachine::migrate`]; the default does
+    /// nothing.
+    fn migrate(&mut self, from_version: u64) -> Result<(), String> {
+        let _ = from_version;
+        Ok(())
+    }
 }
 
 /// The bridge to the ABI: decode, call the typed method, encode.
@@ -204,6 +215,64 @@ impl<T: TypedStateMachine> StateMachine for T {
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
         TypedStateMachine::restore(self, snapshot)
+    }
+
+    fn migrate(&mut self, from_version: u64) -> Result<(), String> {
+        TypedStateMachine::migrate(self, from_version)
+    }
+}
+
+/// A [`StoreStateMachine`] whose commands, queries and outputs are Rust types, decoded and
+/// encoded by [`Self::Codec`] exactly as for [`TypedStateMachine`] (`bad command: ...` /
+/// `bad query: ...` for input that does not decode; the function is then not called).
+///
+/// The rules of [`StoreStateMachine`] hold: no `self`, state only in [`crate::storage`],
+/// writes committed when the call returns (also with `Err`), so validate before writing.
+///
+/// Import this trait, not [`StoreStateMachine`] as well (as with [`TypedStateMachine`]): with
+/// both in scope `T::apply(..)` is ambiguous.
+pub trait TypedStoreStateMachine: 'static {
+    /// The codec of commands, queries and both outputs: [`Json`] or [`Postcard`].
+    type Codec: Codec;
+    /// A command, decoded from what the client sent.
+    type Command: DeserializeOwned;
+    /// What [`Self::apply`] returns to the client (encoded after `apply` ran: its writes stay
+    /// even if the output does not encode).
+    type Output: Serialize;
+    /// A query, decoded like [`Self::Command`].
+    type Query: DeserializeOwned;
+    /// What [`Self::query`] returns to the client.
+    type QueryOutput: Serialize;
+
+    /// Applies one committed command, reading and writing [`crate::storage`].
+    fn apply(command: Self::Command) -> Result<Self::Output, String>;
+
+    /// Answers a read-only query.
+    fn query(query: Self::Query) -> Result<Self::QueryOutput, String>;
+
+    /// The upgrade step, as [`StoreStateMachine::migrate`]; the default does nothing.
+    fn migrate(from_version: u64) -> Result<(), String> {
+        let _ = from_version;
+        Ok(())
+    }
+}
+
+/// The bridge to the ABI for the store model: decode, call the typed function, encode.
+impl<T: TypedStoreStateMachine> StoreStateMachine for T {
+    fn apply(command: &[u8]) -> Result<Vec<u8>, String> {
+        let command = T::Codec::decode(command).map_err(|e| format!("bad command: {e}"))?;
+        let output = <T as TypedStoreStateMachine>::apply(command)?;
+        encode_output::<T::Codec, _>(&output)
+    }
+
+    fn query(query: &[u8]) -> Result<Vec<u8>, String> {
+        let query = T::Codec::decode(query).map_err(|e| format!("bad query: {e}"))?;
+        let output = <T as TypedStoreStateMachine>::query(query)?;
+        encode_output::<T::Codec, _>(&output)
+    }
+
+    fn migrate(from_version: u64) -> Result<(), String> {
+        <T as TypedStoreStateMachine>::migrate(from_version)
     }
 }
 

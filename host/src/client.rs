@@ -182,6 +182,25 @@ impl Client {
         let req = self.request(DeployRequest {
             tenant: tenant.into(),
             wasm,
+            rollback_to_version: 0,
+        });
+        c.deploy(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.status_error(s))
+    }
+
+    /// Deploys again the module `tenant` ran as `version`, as its newest version.
+    pub async fn rollback(
+        &self,
+        tenant: &str,
+        version: u64,
+    ) -> Result<DeployResponse, ClientError> {
+        let mut c = self.connect().await?;
+        let req = self.request(DeployRequest {
+            tenant: tenant.into(),
+            wasm: Vec::new(),
+            rollback_to_version: version,
         });
         c.deploy(req)
             .await
@@ -216,6 +235,22 @@ impl Client {
         let mut c = self.connect().await?;
         c.delete_tenant(self.request(DeleteTenantRequest {
             tenant: tenant.into(),
+        }))
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| self.status_error(s))
+    }
+
+    /// Sets a tenant's limits (0 keeps a value); answers with the limits now in force.
+    pub async fn set_limits(
+        &self,
+        tenant: &str,
+        limits: wraft_proto::client::Limits,
+    ) -> Result<SetLimitsResponse, ClientError> {
+        let mut c = self.connect().await?;
+        c.set_limits(self.request(SetLimitsRequest {
+            tenant: tenant.into(),
+            limits: Some(limits),
         }))
         .await
         .map(|r| r.into_inner())

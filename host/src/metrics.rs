@@ -27,6 +27,7 @@ pub struct Metrics {
     pub entries_proposed: IntCounter,
     pub forwarded: IntCounterVec,
     pub read_index_seconds: HistogramVec,
+    pub lease_reads: IntCounterVec,
     pub leader_changes: IntCounter,
     // Storage
     pub storage_write_seconds: HistogramVec,
@@ -109,6 +110,11 @@ impl Metrics {
             read_index_seconds: latency(
                 "read_index_seconds",
                 "Time to confirm leadership for a linearizable read.",
+                &["result"],
+            ),
+            lease_reads: counters(
+                "lease_reads_total",
+                "Lease reads on the leader: served within the lease, or fallen back to ReadIndex.",
                 &["result"],
             ),
             leader_changes: counter(
@@ -219,6 +225,7 @@ impl Metrics {
             Box::new(m.entries_proposed.clone()),
             Box::new(m.forwarded.clone()),
             Box::new(m.read_index_seconds.clone()),
+            Box::new(m.lease_reads.clone()),
             Box::new(m.leader_changes.clone()),
             Box::new(m.storage_write_seconds.clone()),
             Box::new(m.log_last_index.clone()),

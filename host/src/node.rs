@@ -332,6 +332,7 @@ pub async fn run(
         compacted.clone(),
         generation,
     );
+    let lease = raft_loop.lease();
     let raft_thread = std::thread::Builder::new()
         .name("raft".into())
         .spawn(move || {
@@ -355,6 +356,7 @@ pub async fn run(
         dial,
         snapshot_progress: snapshots.progress.clone(),
         stale_reads_as_linearizable: stale_reads,
+        lease,
         runtime,
         limits,
         modules,

@@ -46,6 +46,108 @@ const MAX_DRAIN: usize = 4096;
 const MAX_APPLY_BACKLOG: u64 = 20_000;
 /// How long a stopping leader waits for its leadership transfer to complete.
 const TRANSFER_ON_STOP: Duration = Duration::from_secs(2);
+/// What the lease keeps back from the election timeout: 200 ms for the followers' tick phase (a
+/// follower counts its election timeout in ticks, and a late tick followed by an on-time one
+/// counts two within milliseconds, so it may grant a vote 8 ticks after it last heard from the
+/// leader) and 100 ms (12.5% of the remaining 800 ms) for drift between the nodes' monotonic
+/// clocks.
+pub const LEASE_MARGIN: Duration = Duration::from_millis(300);
+/// How long after sending a ReadIndex round that a quorum then acknowledged the leader may
+/// answer lease reads without another round: the election timeout less [`LEASE_MARGIN`].
+pub const LEASE: Duration = TICK
+    .saturating_mul(ELECTION_TICKS as u32)
+    .saturating_sub(LEASE_MARGIN);
+/// How long after its last lease read the leader keeps renewing its lease (one ReadIndex round
+/// when less than half of it is left).
+const LEASE_RENEW_WHILE_USED: Duration = Duration::from_secs(2);
+/// For this long after the Raft loop starts, vote requests (other than a leadership transfer's)
+/// are ignored: a voter that restarted forgot when it last heard from the leader, and raft-rs
+/// would grant a vote at once, inside a lease it acknowledged before the crash.
+const VOTE_GUARD_AFTER_START: Duration = TICK.saturating_mul(ELECTION_TICKS as u32);
+
+/// The leader's read lease, written by the Raft loop and read by the client service without a
+/// round trip to the Raft thread (see ARCHITECTURE.md, "Lease reads").
+///
+/// The leader holds it until `until`: [`LEASE`] after it sent a ReadIndex round that a quorum
+/// then acknowledged, while it leads in the term it had committed an entry in and no leadership
+/// transfer started. No other leader can be elected before then (the acknowledging voters
+/// refuse votes for an election timeout), so the commit index published here covers every
+/// acknowledged write.
+pub struct Lease {
+    epoch: Instant,
+    /// Nanoseconds after `epoch` until which the lease holds; 0: no lease.
+    until: AtomicU64,
+    /// This node's commit index, published before committed entries go to the apply stage, so
+    /// that it is at least the index of any write a client was told about.
+    commit: AtomicU64,
+    /// When a lease read was last asked for (nanoseconds after `epoch`): the leader renews its
+    /// lease only while it is used.
+    wanted: AtomicU64,
+}
+
+impl Default for Lease {
+    fn default() -> Self {
+        Self {
+            epoch: Instant::now(),
+            until: AtomicU64::new(0),
+            commit: AtomicU64::new(0),
+            wanted: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Lease {
+    /// Nanoseconds from `epoch` to `at` (at least 1, so that 0 can mean "never").
+    fn nanos(&self, at: Instant) -> u64 {
+        let n = at.saturating_duration_since(self.epoch).as_nanos();
+        u64::try_from(n).unwrap_or(u64::MAX).max(1)
+    }
+
+    /// The index a lease read must wait for, if the lease holds now; `None`: fall back to a
+    /// ReadIndex round.
+    pub fn read_index(&self) -> Option<u64> {
+        let now = self.nanos(Instant::now());
+        // Written only when it moved by a millisecond: a hot path on many threads.
+        let wanted = self.wanted.load(Ordering::Relaxed);
+        if wanted == 0 || now.saturating_sub(wanted) > 1_000_000 {
+            self.wanted.store(now, Ordering::Relaxed);
+        }
+        if now >= self.until.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(self.commit.load(Ordering::Acquire))
+    }
+
+    fn publish_commit(&self, commit: u64) {
+        self.commit.fetch_max(commit, Ordering::AcqRel);
+    }
+
+    /// Holds the lease until `until`, or extends it (`extend`: keep a later end already set).
+    fn grant(&self, until: Instant, extend: bool) {
+        let until = self.nanos(until);
+        if extend {
+            self.until.fetch_max(until, Ordering::AcqRel);
+        } else {
+            self.until.store(until, Ordering::Release);
+        }
+    }
+
+    fn revoke(&self) {
+        self.until.store(0, Ordering::Release);
+    }
+
+    /// How much of the lease is left.
+    fn remaining(&self) -> Duration {
+        let now = self.nanos(Instant::now());
+        Duration::from_nanos(self.until.load(Ordering::Acquire).saturating_sub(now))
+    }
+
+    /// Whether a lease read was asked for within `window`.
+    fn wanted_within(&self, window: Duration) -> bool {
+        let wanted = self.wanted.load(Ordering::Relaxed);
+        wanted > 0 && self.nanos(Instant::now()).saturating_sub(wanted) <= window.as_nanos() as u64
+    }
+}
 
 /// What the Raft loop is asked to do.
 pub enum RaftInput {
@@ -73,6 +175,8 @@ pub enum RaftInput {
     SnapshotStaged { msg: Message, generation: u64 },
     /// From the peer service: a snapshot stream to `to` ended (`complete`: every chunk left).
     SnapshotSent { to: u64, complete: bool },
+    /// A follower started downloading the snapshot it was sent.
+    SnapshotFetching { to: u64 },
     /// From the peer service: the first stream of initial member `id` named its incarnation.
     LearnIncarnation { id: u64, incarnation: u64 },
     /// On the leader: change membership (one ConfChangeV2). Answered once the change applies.
@@ -140,6 +244,9 @@ pub struct RaftLoop {
     transport: Transport,
     status: watch::Sender<RaftStatus>,
     ids: ProposalIds,
+    /// The timestamp of the last entry this node proposed: the next is never below it, even if
+    /// the wall clock steps back (guests see it through the deterministic context).
+    last_stamp_ms: u64,
     /// Outstanding ReadIndex requests by context, with when they were last issued.
     reads: HashMap<u64, PendingRead>,
     next_read_ctx: u64,
@@ -171,6 +278,21 @@ pub struct RaftLoop {
     /// receiver (which stages into the next generation).
     compacted: Arc<AtomicU64>,
     generation: Arc<AtomicU64>,
+    /// The read lease, shared with the client service.
+    lease: Arc<Lease>,
+    /// The term the lease was last granted in.
+    lease_term: u64,
+    /// A term in which a leadership transfer started: no lease for the rest of it (the
+    /// transferee campaigns at once, and voters grant a transfer's votes inside a lease).
+    lease_off_term: u64,
+    /// The index of the last conf change seen, and when it was seen: rounds issued before a
+    /// membership change do not grant a lease.
+    lease_conf: u64,
+    lease_floor: Instant,
+    /// The ReadIndex round that renews the lease, while one is out.
+    renewal: Option<u64>,
+    /// When this loop started (see [`VOTE_GUARD_AFTER_START`]).
+    started: Instant,
 }
 
 /// How long a snapshot transfer to a follower may go without finishing before raft is told it
@@ -178,16 +300,28 @@ pub struct RaftLoop {
 const SNAPSHOT_STALL: Duration = Duration::from_secs(60);
 /// How long after its last chunk left a follower has to acknowledge a snapshot; one that
 /// crashed meanwhile never will, and raft-rs would wait for it forever.
-const SNAPSHOT_ACK_GRACE: Duration = Duration::from_secs(3);
+const SNAPSHOT_ACK_GRACE: Duration = Duration::from_secs(10);
+/// How long after a snapshot message was sent the follower has to start downloading it. The
+/// message is lost when the follower died before it arrived (and a restarted follower asks
+/// for nothing), and raft-rs would wait for it forever: report it failed, and raft sends
+/// another.
+const SNAPSHOT_START_GRACE: Duration = Duration::from_secs(5);
 
-/// A snapshot sent to a follower: when, and when its stream completed.
+/// A snapshot sent to a follower: when, when its download started, and when its stream
+/// completed.
 struct SnapshotOut {
     sent: Instant,
+    fetching: Option<Instant>,
     streamed: Option<Instant>,
 }
 
 struct PendingRead {
     issued: Instant,
+    /// When the round was first issued (re-issues keep the context, and an acknowledgement of
+    /// an earlier heartbeat may complete it): where a lease it grants starts.
+    first_issued: Instant,
+    /// The term it was issued in.
+    term: u64,
     replies: Vec<oneshot::Sender<Result<u64, Error>>>,
 }
 
@@ -226,6 +360,7 @@ impl RaftLoop {
             transport,
             status,
             ids,
+            last_stamp_ms: 0,
             reads: HashMap::new(),
             next_read_ctx: 1,
             stopping: None,
@@ -240,7 +375,19 @@ impl RaftLoop {
             snapshots_out: HashMap::new(),
             compacted,
             generation,
+            lease: Arc::new(Lease::default()),
+            lease_term: 0,
+            lease_off_term: 0,
+            lease_conf: 0,
+            lease_floor: Instant::now(),
+            renewal: None,
+            started: Instant::now(),
         }
+    }
+
+    /// The read lease, for the client service.
+    pub fn lease(&self) -> Arc<Lease> {
+        self.lease.clone()
     }
 
     /// Runs until [`RaftInput::Shutdown`] or until every sender is gone. A storage failure ends
@@ -276,6 +423,11 @@ impl RaftLoop {
                                     Some((msg.get_snapshot().get_metadata().index, generation));
                                 self.step(msg);
                             }
+                            RaftInput::SnapshotFetching { to } => {
+                                if let Some(out) = self.snapshots_out.get_mut(&to) {
+                                    out.fetching = Some(Instant::now());
+                                }
+                            }
                             RaftInput::SnapshotSent { to, complete } => {
                                 if !complete {
                                     self.snapshots_out.remove(&to);
@@ -310,6 +462,7 @@ impl RaftLoop {
                     next_tick = Instant::now() + TICK;
                 }
                 self.retry_reads();
+                self.renew_lease();
                 self.check_snapshot_transfers();
             }
             self.propose(proposals);
@@ -417,6 +570,25 @@ impl RaftLoop {
             );
             return;
         }
+        // Lease reads: raft-rs refuses votes for an election timeout after hearing from the
+        // leader, but a restarted voter has forgotten when that was. Ignore vote requests for an
+        // election timeout after start, as if the leader had just been heard from (a
+        // transfer's are exempt: the leader gave up its lease when it started the transfer).
+        if matches!(
+            msg.get_msg_type(),
+            raft::eraftpb::MessageType::MsgRequestVote
+                | raft::eraftpb::MessageType::MsgRequestPreVote
+        ) && msg.term > self.raw.raft.term
+            && msg.get_context() != raft::CAMPAIGN_TRANSFER
+            && self.started.elapsed() < VOTE_GUARD_AFTER_START
+        {
+            tracing::debug!(
+                from = msg.from,
+                term = msg.term,
+                "ignoring a vote request: this node started less than an election timeout ago"
+            );
+            return;
+        }
         if let Err(err) = self.raw.step(msg) {
             tracing::debug!(%err, "raft rejected a peer message");
         }
@@ -469,9 +641,14 @@ impl RaftLoop {
 
     fn propose_entry(&mut self, batch: Vec<Proposal>) {
         let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|p| (p.op, p.reply)).unzip();
+        // The only wall clock a guest ever sees: read here, once, and carried in the log.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.last_stamp_ms = self.last_stamp_ms.max(now_ms);
         let entry = LogEntry {
             version: ENVELOPE_VERSION,
-            timestamp_ms: 0,
+            timestamp_ms: self.last_stamp_ms,
             ops,
         };
         let data = envelope::encode(&entry);
@@ -519,16 +696,87 @@ impl RaftLoop {
             }
             return;
         }
+        self.issue_read(replies);
+    }
+
+    /// Starts one ReadIndex round for `replies` (none: a round that only renews the lease).
+    fn issue_read(&mut self, replies: Vec<oneshot::Sender<Result<u64, Error>>>) -> u64 {
         let ctx = self.next_read_ctx;
         self.next_read_ctx += 1;
-        self.raw.read_index(ctx.to_be_bytes().to_vec());
+        let now = Instant::now();
+        // Stamped before raft-rs queues the heartbeats: a lease from this round starts no later
+        // than any follower could acknowledge it.
         self.reads.insert(
             ctx,
             PendingRead {
-                issued: Instant::now(),
+                issued: now,
+                first_issued: now,
+                term: self.raw.raft.term,
                 replies,
             },
         );
+        self.raw.read_index(ctx.to_be_bytes().to_vec());
+        ctx
+    }
+
+    /// On the leader, while lease reads are being asked for: one ReadIndex round when less than
+    /// half of the lease is left, so that the lease does not lapse under a steady load.
+    fn renew_lease(&mut self) {
+        let raft = &self.raw.raft;
+        if raft.state != StateRole::Leader
+            || self.lease_off_term == raft.term
+            || self.stopping.is_some()
+            || !raft.commit_to_current_term()
+            || !self.lease.wanted_within(LEASE_RENEW_WHILE_USED)
+            || self.lease.remaining() > LEASE / 2
+            || self
+                .renewal
+                .is_some_and(|ctx| self.reads.contains_key(&ctx))
+        {
+            return;
+        }
+        self.renewal = Some(self.issue_read(Vec::new()));
+    }
+
+    /// Revokes the lease when it no longer holds: this node does not lead in the lease's term,
+    /// a leadership transfer started, or membership changed. Runs before every message leaves,
+    /// so a transferee never hears `MsgTimeoutNow` while this node still holds a lease.
+    fn check_lease(&mut self) {
+        let raft = &self.raw.raft;
+        if raft.state == StateRole::Leader && raft.lead_transferee.is_some() {
+            self.lease_off_term = raft.term;
+        }
+        let conf = self.conf_history.last().map_or(0, |(index, _)| *index);
+        if conf != self.lease_conf {
+            self.lease_conf = conf;
+            self.lease_floor = Instant::now();
+            self.lease.revoke();
+        }
+        let holds = raft.state == StateRole::Leader
+            && raft.term == self.lease_term
+            && self.lease_off_term != raft.term;
+        if !holds {
+            self.lease.revoke();
+        }
+    }
+
+    /// A ReadIndex round completed: a quorum acknowledged leadership after `read.first_issued`,
+    /// so the lease holds until [`LEASE`] after that.
+    fn grant_lease(&mut self, read: &PendingRead) {
+        self.check_lease();
+        let raft = &self.raw.raft;
+        if raft.state != StateRole::Leader
+            || read.term != raft.term
+            || self.lease_off_term == raft.term
+            || read.first_issued < self.lease_floor
+            || !raft.commit_to_current_term()
+        {
+            return;
+        }
+        let extend = self.lease_term == raft.term;
+        self.lease_term = raft.term;
+        self.lease.publish_commit(raft.raft_log.committed);
+        self.lease.grant(read.first_issued + LEASE, extend);
     }
 
     /// Issues again the reads raft-rs dropped (no leader yet, or no commit in this term yet);
@@ -556,6 +804,7 @@ impl RaftLoop {
 
     /// Handles one `Ready`. The order is the rules' order; each step says why it is there.
     fn on_ready(&mut self) -> Result<(), crate::storage::StorageError> {
+        self.check_lease();
         if !self.raw.has_ready() {
             return Ok(());
         }
@@ -608,6 +857,7 @@ impl RaftLoop {
         for rs in ready.take_read_states() {
             let ctx = ctx_of(&rs.request_ctx);
             if let Some(read) = ctx.and_then(|c| self.reads.remove(&c)) {
+                self.grant_lease(&read);
                 for reply in read.replies {
                     let _ = reply.send(Ok(rs.index));
                 }
@@ -622,6 +872,8 @@ impl RaftLoop {
             self.raw.mut_store().set_commit(commit)?;
         }
         if !light.messages().is_empty() {
+            // A conf change applied above may have started a leadership transfer.
+            self.check_lease();
             let messages = light.take_messages();
             self.note_snapshots_sent(&messages);
             self.transport.send(messages);
@@ -662,6 +914,8 @@ impl RaftLoop {
         if let Some(last) = entries.last() {
             self.handed = last.index;
         }
+        // Before apply can answer a client: a lease read must see what that client was told.
+        self.lease.publish_commit(self.raw.raft.raft_log.committed);
         let _ = self.apply.send(ApplyInput::Committed(entries));
         if std::mem::take(&mut self.compact_soon) {
             let _ = self.apply.send(ApplyInput::CompactNow);
@@ -1020,6 +1274,7 @@ impl RaftLoop {
                     m.to,
                     SnapshotOut {
                         sent: Instant::now(),
+                        fetching: None,
                         streamed: None,
                     },
                 );
@@ -1043,7 +1298,10 @@ impl RaftLoop {
             let unacknowledged = out
                 .streamed
                 .is_some_and(|at| now.duration_since(at) > SNAPSHOT_ACK_GRACE);
-            if waiting && (now.duration_since(out.sent) > SNAPSHOT_STALL || unacknowledged) {
+            let never_fetched =
+                out.fetching.is_none() && now.duration_since(out.sent) > SNAPSHOT_START_GRACE;
+            let stalled = now.duration_since(out.sent) > SNAPSHOT_STALL;
+            if waiting && (stalled || unacknowledged || never_fetched) {
                 failed.push(*id);
                 return false;
             }
@@ -1143,4 +1401,54 @@ fn op_size(op: &Op) -> usize {
 
 fn ctx_of(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod lease_tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_serves_until_it_ends_or_is_revoked() {
+        let lease = Lease::default();
+        assert_eq!(lease.read_index(), None, "no lease before a grant");
+        lease.publish_commit(7);
+        lease.grant(Instant::now() + Duration::from_secs(60), false);
+        assert_eq!(lease.read_index(), Some(7));
+        lease.publish_commit(5);
+        assert_eq!(
+            lease.read_index(),
+            Some(7),
+            "the commit index never goes back"
+        );
+        lease.grant(Instant::now() + Duration::from_secs(1), true);
+        assert!(
+            lease.remaining() > Duration::from_secs(30),
+            "extending keeps the later end"
+        );
+        lease.revoke();
+        assert_eq!(lease.read_index(), None, "a revoked lease serves nothing");
+        let ended = Instant::now()
+            .checked_sub(Duration::from_millis(1))
+            .unwrap_or_else(Instant::now);
+        lease.grant(ended, false);
+        assert_eq!(
+            lease.read_index(),
+            None,
+            "a lease that ended serves nothing"
+        );
+        assert!(lease.wanted_within(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn the_lease_is_shorter_than_the_followers_vote_refusal() {
+        // Followers refuse votes for at least ELECTION_TICKS - 2 ticks after hearing from the
+        // leader (tick phase); the lease must end before that, with room for clock drift.
+        let refusal = TICK * (ELECTION_TICKS as u32 - 2);
+        assert!(LEASE < refusal, "{LEASE:?} vs {refusal:?}");
+        assert!(refusal - LEASE >= refusal / 10, "drift margin under 10%");
+        assert!(
+            LEASE >= Duration::from_millis(500),
+            "a lease too short to be useful"
+        );
+    }
 }

@@ -59,6 +59,8 @@ pub struct NodeContext {
     /// A deliberately broken mode that serves "linearizable" reads from local state, so the
     /// fault tests can show their checker catches stale reads. Never set in production.
     pub stale_reads_as_linearizable: bool,
+    /// The leader's read lease (written by the Raft loop).
+    pub lease: Arc<crate::raft_loop::Lease>,
     pub runtime: Runtime,
     pub limits: Limits,
     pub modules: ModuleCache,
@@ -272,6 +274,18 @@ impl ClientService {
         result
     }
 
+    /// The index a lease read waits for: the commit index while the lease holds, else a
+    /// ReadIndex round (which renews the lease).
+    async fn lease_read_index(&self, deadline: Instant) -> Result<u64, Error> {
+        let lease_reads = &crate::metrics::METRICS.lease_reads;
+        if let Some(index) = self.ctx.lease.read_index() {
+            lease_reads.with_label_values(&["served"]).inc();
+            return Ok(index);
+        }
+        lease_reads.with_label_values(&["fallback"]).inc();
+        self.read_index(deadline).await
+    }
+
     async fn read_index_once(&self, deadline: Instant) -> Result<u64, Error> {
         let (reply, answer) = oneshot::channel();
         self.ctx
@@ -377,6 +391,12 @@ impl Authorize for DeleteTenantRequest {
     }
 }
 
+impl Authorize for SetLimitsRequest {
+    fn access(&self) -> Access<'_> {
+        Access::Admin("setting a tenant's limits")
+    }
+}
+
 impl Authorize for TransferLeaderRequest {
     fn access(&self) -> Access<'_> {
         Access::Admin("transferring leadership")
@@ -455,9 +475,16 @@ impl ClientService {
     ) -> Result<Response<DeployResponse>, Status> {
         let forwarded = is_forwarded(&request);
         let rid = request_id_of(&request);
-        let req = request.into_inner();
+        let mut req = request.into_inner();
         check_tenant_name(&req.tenant)?;
         check_size("the module", req.wasm.len(), MAX_MODULE_BYTES)?;
+        if req.rollback_to_version > 0 && !req.wasm.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "deploy tenant {}: give either a module or a version to roll back to, not both",
+                req.tenant
+            ))
+            .into());
+        }
         let tenant = req.tenant.clone();
         match self.route(forwarded).await? {
             Route::Forward(leader, mut client) => {
@@ -467,6 +494,24 @@ impl ClientService {
                     .map_err(|s| self.forward_failed(leader, s, true));
             }
             Route::Local => {}
+        }
+        if req.rollback_to_version > 0 {
+            // The module the tenant ran as that version, from this (the leader's) storage;
+            // from here on a rollback is an ordinary upgrade.
+            let deadline = Instant::now() + self.ctx.request_timeout;
+            let version = req.rollback_to_version;
+            req.wasm = self
+                .ask_apply(
+                    |reply| {
+                        ApplyInput::ModuleOf(crate::apply::ModuleTask {
+                            tenant: tenant.clone(),
+                            version,
+                            reply,
+                        })
+                    },
+                    deadline,
+                )
+                .await?;
         }
         // Validate before proposing: invalid Wasm never reaches the log. A module compiled
         // before (same bytes, same hash) was validated then: the cache skips the compile.
@@ -579,15 +624,20 @@ impl ClientService {
         let min_index = match Consistency::try_from(req.consistency) {
             Ok(Consistency::Stale) => 0,
             Ok(Consistency::Linearizable) if self.ctx.stale_reads_as_linearizable => 0,
-            Ok(Consistency::Linearizable) => match self.route(forwarded).await? {
-                Route::Forward(leader, mut client) => {
-                    return client
-                        .query(self.forward_request("query", req, &rid))
-                        .await
-                        .map_err(|s| self.forward_failed(leader, s, false));
+            Ok(level @ (Consistency::Linearizable | Consistency::Lease)) => {
+                match self.route(forwarded).await? {
+                    Route::Forward(leader, mut client) => {
+                        return client
+                            .query(self.forward_request("query", req, &rid))
+                            .await
+                            .map_err(|s| self.forward_failed(leader, s, false));
+                    }
+                    Route::Local if level == Consistency::Lease => {
+                        self.lease_read_index(deadline).await?
+                    }
+                    Route::Local => self.read_index(deadline).await?,
                 }
-                Route::Local => self.read_index(deadline).await?,
-            },
+            }
             Err(_) => {
                 return Err(Error::InvalidArgument(format!(
                     "unknown consistency level {}",
@@ -647,6 +697,22 @@ impl ClientService {
                         applied_index: t.last_index,
                         version: t.version,
                         state_bytes: t.memory_bytes,
+                        limits: Some(limits_to_api(&crate::limits::to_stored(&t.limits))),
+                        model: match t.model {
+                            crate::wasm::Model::Memory => "memory".into(),
+                            crate::wasm::Model::Store => "store".into(),
+                        },
+                        history: t
+                            .history
+                            .iter()
+                            .map(
+                                |(version, hash, index)| wraft_proto::client::TenantVersion {
+                                    version: *version,
+                                    module_hash: hash.clone(),
+                                    index: *index,
+                                },
+                            )
+                            .collect(),
                     })
                     .collect(),
             ),
@@ -726,6 +792,65 @@ impl ClientService {
                 index: applied.index,
             })),
             OpOutcome::Failed { .. } => Err(Error::UnknownTenant(tenant).into()),
+        }
+    }
+
+    async fn set_limits_inner(
+        &self,
+        request: Request<SetLimitsRequest>,
+    ) -> Result<Response<SetLimitsResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let rid = request_id_of(&request);
+        let req = request.into_inner();
+        check_tenant_name(&req.tenant)?;
+        match self.route(forwarded).await? {
+            Route::Forward(leader, mut client) => {
+                return client
+                    .set_limits(self.forward_request("set_limits", req, &rid))
+                    .await
+                    .map_err(|s| self.forward_failed(leader, s, true));
+            }
+            Route::Local => {}
+        }
+        let asked = req.limits.unwrap_or_default();
+        let change = wlog::TenantLimits {
+            fuel_per_call: asked.fuel_per_call,
+            fuel_per_snapshot: asked.fuel_per_snapshot,
+            memory_bytes: asked.memory_bytes,
+            max_result_bytes: asked.max_result_bytes,
+            stack_units: asked.stack_units,
+        };
+        // Checked here against the limits the tenant has now (a clear error before anything
+        // is proposed), and again at apply, where every replica decides alike.
+        let current = self
+            .ctx
+            .view
+            .read()
+            .ok()
+            .and_then(|v| v.tenants.get(&req.tenant).map(|t| t.limits.clone()))
+            .ok_or_else(|| Error::UnknownTenant(req.tenant.clone()))?;
+        crate::limits::merge_tenant_limits(&current, &change).map_err(|m| {
+            Error::InvalidArgument(format!("set limits of tenant {}: {m}", req.tenant))
+        })?;
+        let applied = self
+            .propose(
+                &rid,
+                req.tenant.clone(),
+                op::Kind::SetLimits(wlog::SetLimits {
+                    limits: Some(change),
+                }),
+            )
+            .await?;
+        match applied.outcome {
+            OpOutcome::Output(bytes) => {
+                let now = <wlog::TenantLimits as prost::Message>::decode(bytes.as_slice())
+                    .map_err(|e| Error::Internal(format!("set limits: undecodable answer: {e}")))?;
+                Ok(Response::new(SetLimitsResponse {
+                    index: applied.index,
+                    limits: Some(limits_to_api(&now)),
+                }))
+            }
+            OpOutcome::Failed { message, .. } => Err(Error::FailedPrecondition(message).into()),
         }
     }
 
@@ -863,6 +988,14 @@ impl Wraft for ClientService {
             .await
     }
 
+    async fn set_limits(
+        &self,
+        request: Request<SetLimitsRequest>,
+    ) -> Result<Response<SetLimitsResponse>, Status> {
+        self.traced("set_limits", request, |r| self.set_limits_inner(r))
+            .await
+    }
+
     async fn change_members(
         &self,
         request: Request<ChangeMembersRequest>,
@@ -883,4 +1016,15 @@ pub fn derive_cluster_id(peers: &std::collections::BTreeMap<u64, String>) -> u64
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     u64::from_be_bytes(first)
+}
+
+/// A tenant's limits as the client API shows them.
+fn limits_to_api(l: &wlog::TenantLimits) -> wraft_proto::client::Limits {
+    wraft_proto::client::Limits {
+        fuel_per_call: l.fuel_per_call,
+        fuel_per_snapshot: l.fuel_per_snapshot,
+        memory_bytes: l.memory_bytes,
+        max_result_bytes: l.max_result_bytes,
+        stack_units: l.stack_units,
+    }
 }

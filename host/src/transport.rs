@@ -467,6 +467,7 @@ impl Peer for PeerService {
         tracing::info!(to = req.from, index = req.index, "streaming a snapshot");
         let raft = self.raft.clone();
         let to = req.from;
+        let _ = raft.try_send(RaftInput::SnapshotFetching { to });
         Ok(Response::new(crate::snapshot::serve(
             self.store.clone(),
             self.chunk_bytes,

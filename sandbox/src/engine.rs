@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::{Config, Engine, ExternType, FuncType, ValType};
 
 use crate::cache::{Cache, CompileStats, Counters};
-use crate::{stack, Instance, Limits, WasmError};
+use crate::{host_api, stack, Instance, Limits, WasmError};
 
 /// Wasm page size; custom page sizes are disabled, so it is always 64 KiB.
 const PAGE_BYTES: u64 = 65536;
@@ -65,7 +65,20 @@ pub struct Runtime {
 pub struct Module {
     pub(super) inner: wasmtime::Module,
     pub(super) has_panic_message: bool,
+    pub(super) has_migrate: bool,
+    model: Model,
     hash: [u8; 32],
+}
+
+/// Where a module keeps its state (declared by the module; see the crate docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Model {
+    /// In linear memory: durable as `snapshot` checkpoints plus the log.
+    #[default]
+    Memory,
+    /// In host storage only (the module exports `wraft_model_store`); every call runs on a
+    /// fresh instance.
+    Store,
 }
 
 /// How a function export must look.
@@ -114,6 +127,20 @@ const REQUIRED: &[FuncSig] = &[
         text: "(i32, i32) -> i64",
     },
 ];
+
+const MODEL_STORE: FuncSig = FuncSig {
+    name: "wraft_model_store",
+    params: &[],
+    results: &[],
+    text: "() -> ()",
+};
+
+const MIGRATE: FuncSig = FuncSig {
+    name: "wraft_migrate",
+    params: &[ValType::I64],
+    results: &[ValType::I64],
+    text: "(i64) -> i64",
+};
 
 const PANIC_MESSAGE: FuncSig = FuncSig {
     name: "wraft_panic_message",
@@ -284,8 +311,15 @@ impl Module {
         hash: [u8; 32],
         limits: &Limits,
     ) -> Result<Module, WasmError> {
-        // The stack counter is the only import, and it is always there: `Instance::new`
-        // provides exactly it.
+        // The stack counter is always there (`Instance::new` provides it); every other import
+        // is a host function from the allow-list (`host_api.rs`).
+        let store_model = match inner.get_export(MODEL_STORE.name) {
+            None => false,
+            Some(ty) => {
+                check_func(&MODEL_STORE, &ty)?;
+                true
+            }
+        };
         let mut has_counter = false;
         for import in inner.imports() {
             match import.ty() {
@@ -296,6 +330,9 @@ impl Module {
                         && g.mutability() == wasmtime::Mutability::Var =>
                 {
                     has_counter = true;
+                }
+                ExternType::Func(func) => {
+                    host_api::check_import(import.module(), import.name(), &func, store_model)?
                 }
                 _ => {
                     return Err(WasmError::ImportNotAllowed {
@@ -329,9 +366,22 @@ impl Module {
                 true
             }
         };
+        let has_migrate = match inner.get_export(MIGRATE.name) {
+            None => false,
+            Some(ty) => {
+                check_func(&MIGRATE, &ty)?;
+                true
+            }
+        };
         Ok(Module {
             inner,
             has_panic_message,
+            has_migrate,
+            model: if store_model {
+                Model::Store
+            } else {
+                Model::Memory
+            },
             hash,
         })
     }
@@ -339,6 +389,16 @@ impl Module {
     /// SHA-256 of the module's bytes, as deployed.
     pub fn hash(&self) -> [u8; 32] {
         self.hash
+    }
+
+    /// Where the module keeps its state.
+    pub fn model(&self) -> Model {
+        self.model
+    }
+
+    /// Whether the module exports `wraft_migrate`.
+    pub fn has_migrate(&self) -> bool {
+        self.has_migrate
     }
 
     /// [`Module::hash`] as lowercase hex.
@@ -413,7 +473,7 @@ fn describe(ty: &ExternType) -> String {
 }
 
 /// Renders a function type the way the ABI docs write it: `(i32, i32) -> i64`.
-fn signature(func: &FuncType) -> String {
+pub(crate) fn signature(func: &FuncType) -> String {
     let list = |types: &mut dyn Iterator<Item = ValType>| {
         types.map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
     };

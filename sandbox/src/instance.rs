@@ -10,6 +10,9 @@ use wasmtime::{
     ValType,
 };
 
+use std::sync::Arc;
+
+use crate::host_api::{self, CallContext, CallState, HasCallState, StorageView, WriteSet};
 use crate::{stack, CallError, Limits, Module, WasmError};
 
 /// Status byte of a successful result.
@@ -33,6 +36,14 @@ struct HostState {
     /// Set when a growth was refused during the current call: a trap that follows is the
     /// guest's allocator aborting, reported as [`CallError::MemoryLimit`].
     denied_growth: bool,
+    /// What the host functions see and buffer during the current call.
+    call: CallState,
+}
+
+impl HasCallState for HostState {
+    fn call_state(&mut self) -> &mut CallState {
+        &mut self.call
+    }
 }
 
 impl ResourceLimiter for HostState {
@@ -73,6 +84,7 @@ pub struct Instance {
     restore: TypedFunc<(i32, i32), i64>,
     snapshot: TypedFunc<(), i64>,
     panic_message: Option<TypedFunc<(), i64>>,
+    migrate: Option<TypedFunc<i64, i64>>,
     /// The stack units still available to the running call (see `stack.rs`).
     stack_units: Global,
     limits: Limits,
@@ -91,6 +103,7 @@ impl Instance {
             HostState {
                 memory_bytes: limits.memory_bytes,
                 denied_growth: false,
+                call: CallState::default(),
             },
         );
         store.limiter(|state| state as &mut dyn ResourceLimiter);
@@ -104,20 +117,20 @@ impl Instance {
             Val::I32(stack_units(limits)),
         )
         .map_err(|e| WasmError::Engine(format!("cannot create the stack counter: {e:#}")))?;
-        let instance =
-            match wasmtime::Instance::new(&mut store, &module.inner, &[stack_units.into()]) {
-                Ok(instance) => instance,
-                Err(e)
-                    if exhausted(&mut store, stack_units)
-                        || matches!(e.downcast_ref::<Trap>(), Some(Trap::StackOverflow)) =>
-                {
-                    let error = CallError::StackLimit {
-                        limit: limits.stack_units,
-                    };
-                    return Err(WasmError::Instantiate(format!("start function: {error}")));
-                }
-                Err(e) => return Err(WasmError::Instantiate(format!("{e:#}"))),
-            };
+        let imports = host_api::resolve(&mut store, &module.inner, stack_units.into())?;
+        let instance = match wasmtime::Instance::new(&mut store, &module.inner, &imports) {
+            Ok(instance) => instance,
+            Err(e)
+                if exhausted(&mut store, stack_units)
+                    || matches!(e.downcast_ref::<Trap>(), Some(Trap::StackOverflow)) =>
+            {
+                let error = CallError::StackLimit {
+                    limit: limits.stack_units,
+                };
+                return Err(WasmError::Instantiate(format!("start function: {error}")));
+            }
+            Err(e) => return Err(WasmError::Instantiate(format!("{e:#}"))),
+        };
         let memory = instance
             .get_memory(&mut store, "memory")
             .ok_or(WasmError::MissingExport {
@@ -149,6 +162,15 @@ impl Instance {
         } else {
             None
         };
+        let migrate = if module.has_migrate {
+            Some(
+                instance
+                    .get_typed_func(&mut store, "wraft_migrate")
+                    .map_err(typed)?,
+            )
+        } else {
+            None
+        };
         Ok(Instance {
             store,
             memory,
@@ -158,6 +180,7 @@ impl Instance {
             restore,
             snapshot,
             panic_message,
+            migrate,
             stack_units,
             limits: limits.clone(),
             budget: 0,
@@ -167,20 +190,26 @@ impl Instance {
     /// Applies a committed command; returns the module's reply.
     pub fn apply(&mut self, command: &[u8]) -> Result<Vec<u8>, CallError> {
         let (fuel, max) = (self.limits.fuel_per_call, self.limits.max_result_bytes);
-        self.call_with_input(self.apply.clone(), command, fuel, max)
+        self.call_with_input(self.apply.clone(), command, fuel, max, true)
     }
 
     /// Runs a read-only query; returns the module's reply.
     pub fn query(&mut self, query: &[u8]) -> Result<Vec<u8>, CallError> {
         let (fuel, max) = (self.limits.fuel_per_call, self.limits.max_result_bytes);
-        self.call_with_input(self.query.clone(), query, fuel, max)
+        self.call_with_input(self.query.clone(), query, fuel, max, false)
+    }
+
+    /// [`Instance::query`] with this context.
+    pub fn query_in(&mut self, context: CallContext, query: &[u8]) -> Result<Vec<u8>, CallError> {
+        self.set_context(context);
+        self.query(query)
     }
 
     /// Serializes the module's whole state. Capped by the memory limit, not
     /// [`Limits::max_result_bytes`]: a snapshot is as large as the state.
     pub fn snapshot(&mut self) -> Result<Vec<u8>, CallError> {
         let (fuel, max) = (self.limits.fuel_per_snapshot, self.limits.memory_bytes);
-        self.begin(fuel)?;
+        self.begin(fuel, false)?;
         let packed = self
             .snapshot
             .call(&mut self.store, ())
@@ -191,8 +220,39 @@ impl Instance {
     /// Replaces the module's whole state with `snapshot`.
     pub fn restore(&mut self, snapshot: &[u8]) -> Result<(), CallError> {
         let (fuel, max) = (self.limits.fuel_per_snapshot, self.limits.max_result_bytes);
-        self.call_with_input(self.restore.clone(), snapshot, fuel, max)
+        self.call_with_input(self.restore.clone(), snapshot, fuel, max, true)
             .map(drop)
+    }
+
+    /// Calls the module's `wraft_migrate(from_version)` if it has one (an upgrade, after
+    /// `restore`); `Ok` without one.
+    pub fn migrate(&mut self, from_version: u64) -> Result<(), CallError> {
+        let Some(func) = self.migrate.clone() else {
+            return Ok(());
+        };
+        let (fuel, max) = (self.limits.fuel_per_snapshot, self.limits.max_result_bytes);
+        self.begin(fuel, true)?;
+        let version = i64::try_from(from_version).unwrap_or(i64::MAX);
+        let packed = func
+            .call(&mut self.store, version)
+            .map_err(|e| self.trap(e, fuel))?;
+        self.read_result(packed, max).map(drop)
+    }
+
+    /// Sets what `wraft::context` returns from the next call on.
+    pub fn set_context(&mut self, context: CallContext) {
+        self.store.data_mut().call.context = context;
+    }
+
+    /// Gives the next calls this storage (store-model modules); `None` takes it away.
+    pub fn set_storage(&mut self, storage: Option<Arc<dyn StorageView>>) {
+        self.store.data_mut().call.storage = storage;
+    }
+
+    /// The writes buffered since the last time they were taken, for the host to commit (after
+    /// a call's output or its own error; a trap drops them).
+    pub fn take_writes(&mut self) -> WriteSet {
+        self.store.data_mut().call.take_writes()
     }
 
     /// Fuel the last call used (all of it when it ran out). For metrics: the limit, not this
@@ -207,9 +267,11 @@ impl Instance {
         self.memory.data_size(&self.store) as u64
     }
 
-    /// Resets the per-call state: fresh fuel and stack units, no refused growth yet.
-    fn begin(&mut self, fuel: u64) -> Result<(), CallError> {
+    /// Resets the per-call state: fresh fuel and stack units, no refused growth yet, no
+    /// buffered writes; `writable`: whether the call may write storage.
+    fn begin(&mut self, fuel: u64, writable: bool) -> Result<(), CallError> {
         self.store.data_mut().denied_growth = false;
+        self.store.data_mut().call.begin(writable);
         self.budget = fuel;
         self.reset_stack_units()?;
         self.store
@@ -224,8 +286,9 @@ impl Instance {
         input: &[u8],
         fuel: u64,
         max_result: u64,
+        writable: bool,
     ) -> Result<Vec<u8>, CallError> {
-        self.begin(fuel)?;
+        self.begin(fuel, writable)?;
         let memory_limit = self.limits.memory_bytes;
         // An input larger than the memory limit could never be allocated; refuse it up front
         // (as the guest's allocator would) instead of letting it wrap around in an i32.
@@ -296,6 +359,8 @@ impl Instance {
 
     /// Classifies an error from a call into the guest.
     fn trap(&mut self, error: wasmtime::Error, fuel: u64) -> CallError {
+        // A trapped call's writes never reach storage.
+        self.store.data_mut().call.take_writes();
         let memory_limit = self.limits.memory_bytes;
         match error.downcast_ref::<Trap>() {
             Some(Trap::OutOfFuel) => CallError::OutOfFuel { limit: fuel },

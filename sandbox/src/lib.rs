@@ -1,8 +1,10 @@
 //! Runs tenants' state machines: WebAssembly modules executed deterministically by wasmtime.
 //!
-//! Owns the engine configuration, module validation against the wraft ABI, and every call into
-//! a guest. Keeps true: **the same module, limits and inputs give the same result on every
-//! replica** — no imports reach a module (so no clock, randomness or I/O), floats produce
+//! Owns the engine configuration, module validation against the wraft ABI, the host functions
+//! a module may import, and every call into a guest. Keeps true: **the same module, limits and
+//! inputs give the same result on every replica** — the only imports are wraft's own host
+//! functions, whose values come from the log or from storage every replica holds identically
+//! (so no clock, randomness or ambient I/O), floats produce
 //! canonical NaNs, fuel (never wall-clock time) bounds each call, stack depth is counted in
 //! units fixed by the code (never native bytes), and memory growth beyond
 //! [`Limits::memory_bytes`] is refused the same way everywhere. Nothing a module does can
@@ -21,7 +23,7 @@
 //!
 //! # The ABI (v1)
 //!
-//! A module imports nothing and exports (names and signatures exact):
+//! A module exports (names and signatures exact):
 //!
 //! | export | signature | meaning |
 //! |---|---|---|
@@ -33,6 +35,8 @@
 //! | `wraft_snapshot` | `() -> i64` | serialize the whole state |
 //! | `wraft_restore` | `(ptr: i32, len: i32) -> i64` | replace the whole state |
 //! | `wraft_panic_message` | `() -> i64` | optional: the last recorded panic message |
+//! | `wraft_migrate` | `(from_version: i64) -> i64` | optional: runs on the new version at an upgrade, after `restore` |
+//! | `wraft_model_store` | `() -> ()` | optional marker: the store model (below) |
 //!
 //! Every call with input goes `wraft_alloc(len)` (even for `len == 0`), the host writes the
 //! input at the returned pointer, then `wraft_apply(ptr, len)` (or query/restore). An `i64`
@@ -40,6 +44,28 @@
 //! valid until the next call, whose first byte is a status: `0` = ok and the rest is the
 //! payload, `1` = the module's own error and the rest is a UTF-8 message. Any other status, an
 //! empty buffer or one outside memory is [`CallError::BadAbi`].
+//!
+//! # Host functions (imports from `wraft`, all optional)
+//!
+//! Checked at deploy against an allow-list with exact signatures; anything else (WASI clocks
+//! and random among them) is [`WasmError::ImportNotAllowed`]. Each call costs
+//! [`HOST_CALL_FUEL`] plus one unit per byte it moves, and every pointer and length is
+//! bounds-checked (a bad one traps with a message).
+//!
+//! | import | signature | meaning |
+//! |---|---|---|
+//! | `context` | `(out: i32) -> ()` | writes the [`CallContext`] record: 64 bytes, index u64, term u64, timestamp_ms u64, position u32, flags u32 (bit 0: in apply), seed [u8; 32], all little-endian |
+//! | `storage_get` | `(key_ptr, key_len) -> i64` | -1 if absent, else the value's length; the value is pending output |
+//! | `storage_put` | `(key_ptr, key_len, val_ptr, val_len) -> ()` | buffered; traps in a read-only call |
+//! | `storage_delete` | `(key_ptr, key_len) -> ()` | buffered; traps in a read-only call |
+//! | `storage_scan` | `(start_ptr, start_len, end_ptr, end_len, limit) -> i64` | pairs in [start, end) (end_len 0: unbounded), at most `limit` and [`MAX_SCAN_BYTES`]; the length of their encoding (u32 LE key length, key, u32 LE value length, value) is returned and the encoding is pending output |
+//! | `take_output` | `(dst: i32) -> ()` | copies the pending output to `dst` |
+//!
+//! Storage is only for **store-model** modules (they export `wraft_model_store`): their state
+//! lives in host storage, a call sees its own writes, and the host commits a call's writes
+//! after its output or its own error and drops them after a trap ([`Instance::take_writes`]).
+//! The host runs every call of a store-model module on a fresh instance. Keys are at most
+//! [`MAX_KEY_BYTES`], values [`MAX_VALUE_BYTES`], one call's writes [`MAX_WRITE_BYTES`].
 //!
 //! # Accepted Wasm features
 //!
@@ -77,22 +103,31 @@
 
 mod cache;
 mod engine;
+mod host_api;
 mod instance;
 mod stack;
 #[cfg(test)]
 mod tests;
 
 pub use cache::CompileStats;
-pub use engine::{Module, Runtime, GUEST_THREAD_STACK_BYTES, MAX_STACK_UNITS, STACK_UNIT_BYTES};
+pub use engine::{
+    Model, Module, Runtime, GUEST_THREAD_STACK_BYTES, MAX_STACK_UNITS, STACK_UNIT_BYTES,
+};
 
 /// The engine every replica of a tenant must run: fuel accounting and trap behaviour may change
 /// between wasmtime releases, so this is recorded with every deploy and checkpoint and a node
 /// with another engine refuses to apply (see the apply stage). Change it whenever the wasmtime
 /// pin or the engine configuration changes (a test checks the pin).
-pub const ENGINE: &str = "wasmtime 48.0.8; fuel; nan-canonical; stack-units v1; abi v1";
+pub const ENGINE: &str =
+    "wasmtime 48.0.8; fuel; nan-canonical; stack-units v1; abi v1; host-fns v1";
+pub use host_api::{
+    CallContext, Pairs, StorageView, WriteSet, CONTEXT_BYTES, HOST_CALL_FUEL, HOST_MODULE,
+    MAX_KEY_BYTES, MAX_SCAN_BYTES, MAX_VALUE_BYTES, MAX_WRITE_BYTES,
+};
 pub use instance::Instance;
 
-/// Replicated limits (later they become per-tenant replicated config; keep them a plain struct).
+/// A tenant's limits: replicated configuration (the host keeps them per tenant in its log and
+/// checkpoints; a plain struct here).
 ///
 /// Every replica must use the same values, since they decide where a call fails.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -206,12 +241,30 @@ pub enum WasmError {
         /// What it is.
         found: String,
     },
-    /// The module imports something; ABI v1 allows no imports.
-    #[error("module imports `{module}::{name}`; wraft modules may import nothing")]
+    /// The module imports something that is not one of wraft's host functions.
+    #[error("module imports `{module}::{name}`; wraft modules may import only wraft's host functions (`wraft::context`, `wraft::storage_*`, `wraft::take_output`): no WASI, clocks or randomness")]
     ImportNotAllowed {
         /// The import's module name.
         module: String,
         /// The import's field name.
+        name: String,
+    },
+    /// A host function is imported with the wrong type.
+    #[error(
+        "module imports `wraft::{name}` with the wrong type: expected {expected}, found {found}"
+    )]
+    WrongImport {
+        /// The host function.
+        name: &'static str,
+        /// Its type.
+        expected: &'static str,
+        /// The imported type.
+        found: String,
+    },
+    /// A memory-model module imports a storage function.
+    #[error("module imports `wraft::{name}`, but only store-model modules may use host storage: export `wraft_model_store` to declare the store model")]
+    StorageNeedsStoreModel {
+        /// The storage function.
         name: String,
     },
     /// Instantiation failed (e.g. its initial memory exceeds the limit, or its start function

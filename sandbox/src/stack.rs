@@ -27,7 +27,8 @@
 //! Keeps true: the rewritten module computes exactly what the original does (it only adds an
 //! imported global, which shifts the module's global indices by one, and, for functions with
 //! several results, one block type per distinct result list; custom sections other than names
-//! are dropped), and its only import is ours.
+//! are dropped). It may import functions (wraft's host functions, checked by the engine) but no
+//! globals, tables or memories, so the counter is global 0.
 
 use std::collections::HashMap;
 
@@ -98,7 +99,7 @@ pub(crate) fn instrument(wasm: &[u8]) -> Result<Vec<u8>, WasmError> {
 }
 
 /// First pass: validates again (for the operand stack heights, which only the validator
-/// tracks), refuses imports, and computes every function's cost and outer block type.
+/// tracks), refuses imports other than functions, and computes every function's cost and outer block type.
 fn analyze(wasm: &[u8]) -> Result<Analysis, WasmError> {
     let invalid = |e: wasmparser::BinaryReaderError| WasmError::Invalid(e.to_string());
     // The engine has already refused every feature wraft does not accept; this pass only has
@@ -114,12 +115,16 @@ fn analyze(wasm: &[u8]) -> Result<Analysis, WasmError> {
         let payload = payload.map_err(invalid)?;
         match &payload {
             Payload::ImportSection(reader) => {
-                if let Some(import) = reader.clone().into_imports().next() {
+                // Functions only (the engine checks them against the host's allow-list): an
+                // imported global would take the counter's index.
+                for import in reader.clone().into_imports() {
                     let import = import.map_err(invalid)?;
-                    return Err(WasmError::ImportNotAllowed {
-                        module: import.module.to_string(),
-                        name: import.name.to_string(),
-                    });
+                    if !matches!(import.ty, wasmparser::TypeRef::Func(_)) {
+                        return Err(WasmError::ImportNotAllowed {
+                            module: import.module.to_string(),
+                            name: import.name.to_string(),
+                        });
+                    }
                 }
             }
             Payload::TypeSection(reader) => {
@@ -205,13 +210,22 @@ fn val_type(ty: wasmparser::ValType) -> Result<wasm_encoder::ValType, WasmError>
 /// rewritten bodies.
 struct Rewriter<'a> {
     analysis: &'a Analysis,
-    /// Index of the next body in the code section (the module imports no functions, so it is
-    /// also the function index).
+    /// Index of the next body in the code section (and of its entry in `Analysis::funcs`).
     next_body: usize,
     import_added: bool,
 }
 
-/// The counter is the first global: imported globals precede defined ones.
+/// The counter's import type: a mutable i32 global.
+fn counter_type() -> EntityType {
+    EntityType::Global(GlobalType {
+        val_type: wasm_encoder::ValType::I32,
+        mutable: true,
+        shared: false,
+    })
+}
+
+/// The counter is the first global: imported globals precede defined ones, and a module may
+/// import only functions.
 const COUNTER: u32 = 0;
 
 impl Reencode for Rewriter<'_> {
@@ -229,22 +243,28 @@ impl Reencode for Rewriter<'_> {
         _after: Option<wasm_encoder::SectionId>,
         before: Option<wasm_encoder::SectionId>,
     ) -> Result<(), reencode::Error<String>> {
-        // The import section comes right after the type section (the module has none of its
-        // own: `analyze` refused imports).
-        if !self.import_added && before != Some(wasm_encoder::SectionId::Type) {
+        // The import section comes right after the type section. A module with imports of
+        // its own gets the counter added to its section (`parse_import_section`).
+        if !self.import_added
+            && before != Some(wasm_encoder::SectionId::Type)
+            && before != Some(wasm_encoder::SectionId::Import)
+        {
             let mut imports = wasm_encoder::ImportSection::new();
-            imports.import(
-                IMPORT_MODULE,
-                IMPORT_NAME,
-                EntityType::Global(GlobalType {
-                    val_type: wasm_encoder::ValType::I32,
-                    mutable: true,
-                    shared: false,
-                }),
-            );
+            imports.import(IMPORT_MODULE, IMPORT_NAME, counter_type());
             module.section(&imports);
             self.import_added = true;
         }
+        Ok(())
+    }
+
+    fn parse_import_section(
+        &mut self,
+        imports: &mut wasm_encoder::ImportSection,
+        section: wasmparser::ImportSectionReader<'_>,
+    ) -> Result<(), reencode::Error<String>> {
+        reencode::utils::parse_import_section(self, imports, section)?;
+        imports.import(IMPORT_MODULE, IMPORT_NAME, counter_type());
+        self.import_added = true;
         Ok(())
     }
 

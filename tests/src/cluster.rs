@@ -56,14 +56,21 @@ pub fn connect(port: u16) -> Client {
 }
 
 /// Free loopback ports, all held until every one is chosen so that they are distinct.
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local address").port())
-        .collect()
+/// Ports to listen on, drawn at random from 10000..32768 and checked free. Below Linux's
+/// ephemeral range (32768 and up) on purpose: a node restarted on its port after a kill must
+/// find it still free, and an ephemeral port may meanwhile have become the local end of any
+/// outgoing connection, or another test's `bind(0)`.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    use rand::Rng as _;
+    let mut rng = rand::rng();
+    let mut ports: Vec<u16> = Vec::with_capacity(n);
+    while ports.len() < n {
+        let port = rng.random_range(10_000..32_768u16);
+        if !ports.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    ports
 }
 
 fn owned_env(env: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -76,6 +83,8 @@ fn owned_env(env: &[(&str, &str)]) -> Vec<(String, String)> {
 struct Node {
     id: NodeId,
     port: u16,
+    /// `--metrics-listen` port, when the cluster was started with [`ClusterOptions::metrics`].
+    metrics_port: Option<u16>,
     data_dir: PathBuf,
     log_path: PathBuf,
     /// For a node added after the start: the members it joins through (`--join`).
@@ -107,6 +116,8 @@ pub struct ClusterOptions {
     pub env: Vec<(String, String)>,
     /// Extra `wraft serve` arguments of every node (e.g. `--snapshot-entries 100`).
     pub args: Vec<String>,
+    /// Give every initial node a `/metrics` port of its own ([`Cluster::metrics_port`]).
+    pub metrics: bool,
 }
 
 /// A set of `wraft` nodes that were started together with the same `--peers`.
@@ -155,7 +166,9 @@ impl Cluster {
             .prefix("wraft-test-")
             .tempdir()
             .expect("creating a temporary directory");
-        let ports = free_ports(n);
+        // Chosen in one call, so that client and metrics ports are all distinct.
+        let all_ports = free_ports(if opts.metrics { 2 * n } else { n });
+        let (ports, metrics_ports) = all_ports.split_at(n);
         let nodes: Vec<Node> = ports
             .iter()
             .enumerate()
@@ -164,6 +177,7 @@ impl Cluster {
                 Node {
                     id,
                     port,
+                    metrics_port: metrics_ports.get(i).copied(),
                     data_dir: dir.path().join(format!("node-{id}")),
                     log_path: dir.path().join(format!("node-{id}.log")),
                     join: None,
@@ -226,6 +240,11 @@ impl Cluster {
         self.node(id).port
     }
 
+    /// A node's `/metrics` port, if the cluster was started with [`ClusterOptions::metrics`].
+    pub fn metrics_port(&self, id: NodeId) -> Option<u16> {
+        self.node(id).metrics_port
+    }
+
     pub fn data_dir(&self, id: NodeId) -> PathBuf {
         self.node(id).data_dir.clone()
     }
@@ -260,6 +279,9 @@ impl Cluster {
             Some(join) => args.extend(["--join".into(), join.clone()]),
             None => args.extend(["--peers".into(), self.peers.clone()]),
         }
+        if let Some(metrics) = node.metrics_port {
+            args.extend(["--metrics-listen".into(), format!("127.0.0.1:{metrics}")]);
+        }
         args.extend(self.args.iter().cloned());
         args
     }
@@ -267,17 +289,35 @@ impl Cluster {
     /// Starts a new node that joins through the current members (`wraft serve --join`), with
     /// `env` for its first boot only; returns its id (one above the highest so far).
     pub fn add_joining_node(&mut self, env: &[(&str, &str)]) -> NodeId {
+        let via = self.ids();
+        self.add_joining_node_via(env, None, &via)
+    }
+
+    /// [`Cluster::add_joining_node`] listening on `port` (`None`: a free one; e.g. the port of
+    /// a member that was removed, for a machine that comes back under a new id) and joining
+    /// through the members `via`, asked in that order.
+    pub fn add_joining_node_via(
+        &mut self,
+        env: &[(&str, &str)],
+        port: Option<u16>,
+        via: &[NodeId],
+    ) -> NodeId {
         // Never reuse an id, not even one whose node was forgotten: raft ids are forever.
         self.highest_id = self
             .highest_id
             .max(self.nodes.iter().map(|n| n.id).max().unwrap_or(0));
         self.highest_id += 1;
         let id = self.highest_id;
-        let port = free_ports(1)[0];
-        let join = self.endpoints();
+        let port = port.unwrap_or_else(|| free_ports(1)[0]);
+        let join = via
+            .iter()
+            .map(|&id| self.endpoint(id))
+            .collect::<Vec<_>>()
+            .join(",");
         self.nodes.push(Node {
             id,
             port,
+            metrics_port: None,
             data_dir: self.dir().join(format!("node-{id}")),
             log_path: self.dir().join(format!("node-{id}.log")),
             join: Some(join),
@@ -366,9 +406,13 @@ impl Cluster {
     fn spawn(&self, id: NodeId) {
         let node = self.node(id);
         let mut args = self.serve_args(id);
-        if let Some(net) = &self.net {
-            args.push("--dial".into());
-            args.push(net.dial_arg(id));
+        // A node added after the start has no proxies (`--dial` may name only `--peers`, which
+        // a joining node has none of), and `wraft serve` refuses an empty `--dial`.
+        if let Some(dial) = self.net.as_ref().map(|net| net.dial_arg(id)) {
+            if !dial.is_empty() {
+                args.push("--dial".into());
+                args.push(dial);
+            }
         }
         let mut env = self.env.clone();
         env.extend(std::mem::take(&mut *node.next_env.lock().unwrap()));
@@ -608,10 +652,32 @@ impl Cluster {
         let request = self.request(DeployRequest {
             tenant: tenant.into(),
             wasm,
+            rollback_to_version: 0,
         });
         crate::within(
             RPC_TIMEOUT,
             &format!("Deploy of {tenant} through node {via}"),
+            self.client(via).deploy(request),
+        )
+        .await
+        .map(tonic::Response::into_inner)
+    }
+
+    /// Rolls `tenant` back to the module it ran as `version`, through node `via`.
+    pub async fn rollback(
+        &self,
+        via: NodeId,
+        tenant: &str,
+        version: u64,
+    ) -> Result<DeployResponse, tonic::Status> {
+        let request = self.request(DeployRequest {
+            tenant: tenant.into(),
+            wasm: Vec::new(),
+            rollback_to_version: version,
+        });
+        crate::within(
+            RPC_TIMEOUT,
+            &format!("Rollback of {tenant} to version {version} through node {via}"),
             self.client(via).deploy(request),
         )
         .await

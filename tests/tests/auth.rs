@@ -150,6 +150,7 @@ async fn deploy(
         DeployRequest {
             tenant: tenant.into(),
             wasm: plugin_bytes("kv"),
+            rollback_to_version: 0,
         },
         token,
     );

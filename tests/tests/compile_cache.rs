@@ -172,6 +172,7 @@ async fn a_restarted_node_loads_its_modules_instead_of_compiling() {
         .deploy(DeployRequest {
             tenant: "kv".into(),
             wasm: plugin_bytes("kv"),
+            rollback_to_version: 0,
         })
         .await
         .expect("deploy kv");

@@ -247,6 +247,7 @@ async fn metrics_parse_and_counters_move_with_traffic() {
         .deploy(wraft_proto::client::DeployRequest {
             tenant: "m".into(),
             wasm: plugin_bytes("kv"),
+            rollback_to_version: 0,
         })
         .await
         .expect("deploy kv");
@@ -293,6 +294,7 @@ async fn sigterm_under_load_answers_everything_and_loses_nothing() {
         .deploy(wraft_proto::client::DeployRequest {
             tenant: "c".into(),
             wasm: plugin_bytes("counter"),
+            rollback_to_version: 0,
         })
         .await
         .expect("deploy counter");
@@ -444,6 +446,7 @@ async fn a_request_id_follows_a_request_across_nodes() {
         .deploy(wraft_proto::client::DeployRequest {
             tenant: "r".into(),
             wasm: plugin_bytes("kv"),
+            rollback_to_version: 0,
         })
         .await
         .expect("deploy kv");

@@ -276,6 +276,7 @@ async fn deploy_and_wait(cluster: &Cluster, via: NodeId, tls: &ClientTlsConfig) 
         let request = wraft_tests::api::DeployRequest {
             tenant: "kv".into(),
             wasm: wraft_tests::plugin_bytes("kv"),
+            rollback_to_version: 0,
         };
         let index = connect_tls(cluster.port(via), tls)
             .max_encoding_message_size(64 << 20)

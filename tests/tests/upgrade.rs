@@ -398,7 +398,7 @@ async fn crash_and_restart(cluster: &Cluster, id: NodeId) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn redeploying_kv2_keeps_every_key_and_rolling_back_to_kv_is_refused() {
+async fn redeploying_kv2_keeps_every_key_and_rolling_back_to_kv_keeps_them_too() {
     let cluster = Cluster::start(3).await;
     let leader = cluster.leader().await;
     let followers: Vec<NodeId> = cluster
@@ -441,13 +441,13 @@ async fn redeploying_kv2_keeps_every_key_and_rolling_back_to_kv_is_refused() {
     crash_and_restart(&cluster, followers[1]).await;
     check_keys(&cluster, &expected, index).await;
 
-    // Back to kv v1: its restore refuses kv2's snapshot, so the deploy fails on every replica
-    // alike and the tenant stays on kv2, every key in place.
+    // A module that cannot read the state: counter's restore refuses kv2's snapshot, so the
+    // deploy fails on every replica alike and the tenant stays on kv2, every key in place.
     let leader = cluster.leader().await;
     let refused = cluster
-        .deploy_bytes(leader, TENANT, plugin_bytes("kv"))
+        .deploy_bytes(leader, TENANT, plugin_bytes("counter"))
         .await
-        .expect_err("kv v1 cannot restore kv2's snapshot: the rollback must fail");
+        .expect_err("counter cannot restore kv2's snapshot: the upgrade must fail");
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert!(
         refused.message().contains("restore failed"),
@@ -464,7 +464,7 @@ async fn redeploying_kv2_keeps_every_key_and_rolling_back_to_kv_is_refused() {
     assert_eq!(
         count,
         json!({ "count": expected.len() }),
-        "count after the refused rollback"
+        "count after the refused upgrade"
     );
     let index = cluster
         .exec_ok(leader, TENANT, &json!({"op": "delete", "key": "old-39"}))
@@ -472,4 +472,37 @@ async fn redeploying_kv2_keeps_every_key_and_rolling_back_to_kv_is_refused() {
         .0;
     expected.remove("old-39");
     check_keys(&cluster, &expected, index).await;
+
+    // Rollback to version 1 (kv), asked of a follower: kv's restore reads kv2's snapshot, so
+    // every key keeps its value (kv keeps no versions), and kv runs as version 4.
+    let kv = cluster
+        .rollback(followers[0], TENANT, 1)
+        .await
+        .expect("rolling back to kv");
+    wait_tenant_version(&cluster, 4, &kv.module_hash).await;
+    let unknown = cluster
+        .rollback(leader, TENANT, 9)
+        .await
+        .expect_err("no version 9");
+    assert!(
+        unknown.message().contains("never ran a version 9"),
+        "{unknown:?}"
+    );
+    for id in cluster.ids() {
+        for (key, (value, _)) in &expected {
+            let got = ask(
+                &cluster,
+                id,
+                json!({"op": "get", "key": key}),
+                Consistency::Linearizable,
+            )
+            .await;
+            assert_eq!(
+                got,
+                json!({ "value": value }),
+                "{key} on node {id} after the rollback"
+            );
+        }
+    }
+    cluster.wait_digests_agree(&cluster.ids(), TENANT, 0).await;
 }

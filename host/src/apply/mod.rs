@@ -28,8 +28,8 @@ use tokio::sync::oneshot;
 use wraft_proto::client::module_error::Kind;
 use wraft_proto::log::{op, Op, ProposalId, TenantCheckpoint};
 
+pub use tenant::{EntryMeta, OpOutcome, OpPos};
 use tenant::{Env, Tenant};
-pub use tenant::{OpOutcome, OpPos};
 
 use crate::envelope;
 use crate::metrics::METRICS;
@@ -54,6 +54,8 @@ pub enum ApplyInput {
     Query(QueryTask),
     /// A hash of a tenant's state.
     Digest(DigestTask),
+    /// The bytes of the module a tenant ran as a given version (for a rollback).
+    ModuleOf(ModuleTask),
     /// Replace every tenant's state with an installed snapshot's, staged under `generation`;
     /// `index` is the snapshot's. Arrives in log order, before the entries that follow it.
     InstallSnapshot { index: u64, generation: u64 },
@@ -79,6 +81,12 @@ pub struct QueryTask {
     pub query: Vec<u8>,
     pub min_index: u64,
     pub reply: oneshot::Sender<Result<Applied, Error>>,
+}
+
+pub struct ModuleTask {
+    pub tenant: String,
+    pub version: u64,
+    pub reply: oneshot::Sender<Result<Vec<u8>, Error>>,
 }
 
 pub struct DigestTask {
@@ -113,6 +121,10 @@ pub struct TenantView {
     pub last_index: u64,
     pub version: u64,
     pub memory_bytes: u64,
+    pub model: crate::wasm::Model,
+    pub limits: crate::wasm::Limits,
+    /// (version, module hash hex, deploy index), oldest first.
+    pub history: Vec<(u64, String, u64)>,
 }
 
 pub type SharedView = Arc<RwLock<AppliedView>>;
@@ -273,6 +285,7 @@ impl ApplyStage {
                     }
                 }
                 ApplyInput::Digest(task) => self.digest(task),
+                ApplyInput::ModuleOf(task) => self.module_of(task),
                 ApplyInput::CompactNow => {
                     if self.snapshot_entries > 0 {
                         self.checkpoint_for_compaction();
@@ -310,7 +323,19 @@ impl ApplyStage {
             tenant.checkpoint_if_dirty(&env, at);
         }
         crate::crashpoint::hit("compaction-checkpointed");
-        let index = self.applied;
+        // A tenant whose checkpoint failed (its `snapshot` trapped) still needs the log from
+        // its last checkpoint's entry on: compact no further, or its ops would be lost.
+        let mut index = self.applied;
+        for (name, tenant) in &self.tenants {
+            if tenant.is_dirty() {
+                let keep_from = tenant.checkpoint_pos().0;
+                tracing::warn!(tenant = %name, keep_from, "a tenant could not be checkpointed; the log is kept from its last checkpoint");
+                index = index.min(keep_from.saturating_sub(1));
+            }
+        }
+        if index <= self.log_floor {
+            return;
+        }
         if let Some(raft) = &self.raft {
             if raft
                 .try_send(crate::raft_loop::RaftInput::Compact { index })
@@ -379,10 +404,17 @@ impl ApplyStage {
             return;
         }
         let index = entry.index;
+        let mut meta = EntryMeta {
+            term: entry.term,
+            timestamp_ms: 0,
+        };
         let ops: Vec<Op> =
             if entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty() {
                 match envelope::decode(&entry.data) {
-                    Ok(e) => e.ops,
+                    Ok(e) => {
+                        meta.timestamp_ms = e.timestamp_ms;
+                        e.ops
+                    }
                     Err(err) => {
                         let why = format!("cannot apply log entry {index}: {err}");
                         tracing::error!("{why}; this node stops applying rather than diverge");
@@ -416,7 +448,7 @@ impl ApplyStage {
         let mut outcomes = Vec::with_capacity(ops.len());
         for (pos, op) in ops.iter().enumerate() {
             let at = (index, pos as u32);
-            let outcome = self.apply_op(at, op);
+            let outcome = self.apply_op(at, meta, op);
             if let Some(OpOutcome::Failed { kind, message }) = &outcome {
                 tracing::debug!(request_id = %op.request_id, tenant = %op.tenant, index, position = pos, kind = kind.as_str_name(), %message, "op failed");
             } else {
@@ -465,7 +497,7 @@ impl ApplyStage {
 
     /// Applies one op. `None` when the tenant's checkpoint already covers it (a replay after
     /// restart).
-    fn apply_op(&mut self, at: OpPos, op: &Op) -> Option<OpOutcome> {
+    fn apply_op(&mut self, at: OpPos, meta: EntryMeta, op: &Op) -> Option<OpOutcome> {
         if let Some(t) = self.tenants.get(&op.tenant) {
             if at <= t.checkpoint_pos() {
                 return None;
@@ -476,12 +508,31 @@ impl ApplyStage {
         }
         let outcome = match &op.kind {
             Some(op::Kind::Deploy(deploy)) => {
-                self.deploy(at, &op.tenant, &deploy.wasm, &deploy.module_hash)
+                self.deploy(at, meta, &op.tenant, &deploy.wasm, &deploy.module_hash)
+            }
+            Some(op::Kind::SetLimits(set)) => {
+                let env = Env {
+                    runtime: &self.runtime,
+                    limits: &self.limits,
+                    store: &self.store,
+                    log_floor: self.log_floor,
+                };
+                let change = set.limits.unwrap_or_default();
+                match self.tenants.get_mut(&op.tenant) {
+                    Some(tenant) => tenant.set_limits(&env, at, &change),
+                    None => OpOutcome::Failed {
+                        kind: Kind::UnknownTenant,
+                        message: format!("tenant `{}` does not exist", op.tenant),
+                    },
+                }
             }
             Some(op::Kind::Delete(_)) => match self.tenants.remove(&op.tenant) {
                 Some(_) => {
                     if let Err(err) = self.store.delete_checkpoint(&op.tenant) {
                         tracing::error!(tenant = %op.tenant, %err, "deleting a checkpoint failed");
+                    }
+                    if let Err(err) = self.store.delete_tenant_data(&op.tenant) {
+                        tracing::error!(tenant = %op.tenant, %err, "deleting a tenant's storage failed");
                     }
                     tracing::info!(tenant = %op.tenant, index = at.0, "tenant deleted");
                     OpOutcome::Output(Vec::new())
@@ -499,7 +550,7 @@ impl ApplyStage {
                     log_floor: self.log_floor,
                 };
                 match self.tenants.get_mut(&op.tenant) {
-                    Some(tenant) => tenant.exec(&env, at, cmd),
+                    Some(tenant) => tenant.exec(&env, at, meta, cmd),
                     None => OpOutcome::Failed {
                         kind: Kind::UnknownTenant,
                         message: format!("tenant `{}` does not exist", op.tenant),
@@ -514,7 +565,14 @@ impl ApplyStage {
         Some(outcome)
     }
 
-    fn deploy(&mut self, at: OpPos, name: &str, wasm: &[u8], expected_hash: &[u8]) -> OpOutcome {
+    fn deploy(
+        &mut self,
+        at: OpPos,
+        meta: EntryMeta,
+        name: &str,
+        wasm: &[u8],
+        expected_hash: &[u8],
+    ) -> OpOutcome {
         let module = match self.module(wasm) {
             Ok(m) => m,
             Err(message) => {
@@ -537,8 +595,8 @@ impl ApplyStage {
             log_floor: self.log_floor,
         };
         match self.tenants.get_mut(name) {
-            Some(tenant) => tenant.upgrade(&env, module, wasm, at),
-            None => match Tenant::create(&env, name, module, wasm, at) {
+            Some(tenant) => tenant.upgrade(&env, module, wasm, at, meta),
+            None => match Tenant::create(&env, name, module, wasm, at, meta) {
                 Ok(tenant) => {
                     let out = OpOutcome::Output(tenant.module_hash_hex().into_bytes());
                     self.tenants.insert(name.to_string(), tenant);
@@ -599,6 +657,40 @@ impl ApplyStage {
         }
     }
 
+    fn module_of(&mut self, task: ModuleTask) {
+        let answer = match self.tenants.get(&task.tenant) {
+            None => Err(Error::UnknownTenant(task.tenant)),
+            Some(tenant) => match tenant.history().iter().find(|v| v.version == task.version) {
+                None => Err(Error::FailedPrecondition(format!(
+                    "rollback tenant {}: it never ran a version {} (versions: {})",
+                    task.tenant,
+                    task.version,
+                    tenant
+                        .history()
+                        .iter()
+                        .map(|v| v.version.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))),
+                Some(v) => {
+                    let hash = hex::encode(&v.module_hash);
+                    match self.store.module(&hash) {
+                        Ok(Some(bytes)) => Ok(bytes),
+                        Ok(None) => Err(Error::FailedPrecondition(format!(
+                            "rollback tenant {}: module {hash} of version {} is no longer stored",
+                            task.tenant, task.version
+                        ))),
+                        Err(err) => Err(Error::Internal(format!(
+                            "rollback tenant {}: reading module {hash}: {err}",
+                            task.tenant
+                        ))),
+                    }
+                }
+            },
+        };
+        let _ = task.reply.send(answer);
+    }
+
     fn digest(&mut self, task: DigestTask) {
         let env = Env {
             runtime: &self.runtime,
@@ -640,6 +732,13 @@ impl ApplyStage {
                             last_index: t.last_index(),
                             version: t.version(),
                             memory_bytes: t.memory_bytes(),
+                            model: t.model(),
+                            limits: t.limits().clone(),
+                            history: t
+                                .history()
+                                .iter()
+                                .map(|v| (v.version, hex::encode(&v.module_hash), v.index))
+                                .collect(),
                         };
                         view.tenants.insert(name, tenant);
                     }

@@ -1,28 +1,59 @@
-//! One tenant on one replica: its module instance, its sessions and its durable checkpoint.
+//! One tenant on one replica: its module, its sessions, its deterministic clock and its durable
+//! checkpoint, in either state model the module declares.
 //!
-//! The tenant's state lives in the module's linear memory. Its durable form is a checkpoint (the
-//! module's `snapshot` at op position `(index, position)`, with the sessions) plus the log ops
-//! after that position; on restart the checkpoint is restored and the log replayed from there.
+//! **Memory model.** The state lives in the module's linear memory. Its durable form is a
+//! checkpoint (the module's `snapshot` at op position `(index, position)`, with the sessions)
+//! plus the log ops after that position; on restart the checkpoint is restored and the log
+//! replayed from there. A trap can leave memory half-changed, so after one the instance is
+//! dropped, rebuilt from the checkpoint plus the log up to the trapped op (which then counts as
+//! applied-with-error), and checkpointed afresh so that repeated traps stay cheap.
 //!
-//! Invariant: the live instance's state equals the checkpoint plus every op of this tenant
-//! after the checkpoint up to `last_applied`, each applied exactly once.
+//! **Store model.** The state lives only in host storage (`storage/tenant_data.rs`); every call
+//! runs on a fresh instance, so nothing in memory outlives it. Each op's writes, its session
+//! and the checkpoint record (the op's position) are committed in one batch, and a trap's
+//! writes are dropped, so there is nothing to rebuild.
 //!
-//! A trap can leave memory half-changed, so after one the instance is dropped, rebuilt from the
-//! checkpoint plus the log up to the trapped op (which then counts as applied-with-error), and
-//! checkpointed afresh so that repeated traps stay cheap. Every replica does the same, so the
-//! tenant's state is exactly as before the trapped op everywhere.
+//! Invariant: the tenant's state equals the checkpoint plus every op of this tenant after the
+//! checkpoint up to the last one applied, each applied exactly once; after a trap it is
+//! exactly as before the trapped op, on every replica.
+//!
+//! Every op that reaches the module gets a [`CallContext`] from the log alone: index, position,
+//! term, the leader's timestamp clamped so the tenant's clock never goes back, and a seed
+//! derived from (index, position).
 
 use std::collections::HashMap;
 
 use prost::Message as _;
 use raft::eraftpb::EntryType;
+use sha2::{Digest as _, Sha256};
 use wraft_proto::client::module_error::Kind;
-use wraft_proto::log::{op, Command, Session, StoredError, StoredOutcome, TenantCheckpoint};
+use wraft_proto::log::{
+    op, Command, ModuleVersion, Session, StoredError, StoredOutcome, TenantCheckpoint,
+};
 
 use crate::envelope;
 use crate::metrics::METRICS;
 use crate::storage::StateStore;
-use crate::wasm::{CallError, Instance, Limits, Module, Runtime, ENGINE};
+use crate::wasm::{
+    CallContext, CallError, Instance, Limits, Model, Module, Runtime, WriteSet, ENGINE,
+};
+
+/// What the log says about the entry an op is in, besides its position.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EntryMeta {
+    pub term: u64,
+    /// The leader's timestamp (`LogEntry.timestamp_ms`).
+    pub timestamp_ms: u64,
+}
+
+/// The seed of the op at `at`: the same on every replica, different for every op.
+fn seed(at: OpPos) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    hash.update(b"wraft seed v1");
+    hash.update(at.0.to_le_bytes());
+    hash.update(at.1.to_le_bytes());
+    hash.finalize().into()
+}
 
 /// A position in the log: an entry's index and an op's position within it.
 pub type OpPos = (u64, u32);
@@ -144,6 +175,13 @@ pub struct Tenant {
     ops_since_checkpoint: u64,
     /// 1 at the first deploy, +1 at every successful upgrade.
     version: u64,
+    /// The timestamp of the last op that reached the module: the context's clock never goes
+    /// below it.
+    last_timestamp_ms: u64,
+    /// Every version the tenant ran, oldest first.
+    history: Vec<ModuleVersion>,
+    /// The tenant's own limits (replicated through `SetLimits`).
+    limits: Limits,
     metrics: TenantMetrics,
 }
 
@@ -158,73 +196,253 @@ impl Tenant {
         module: Module,
         wasm: &[u8],
         at: OpPos,
+        meta: EntryMeta,
     ) -> Result<Self, OpOutcome> {
+        // A store-model tenant gets a fresh instance per call; instantiating one here checks
+        // that it can be (a start function that traps, memory over the limit).
         let instance = env
             .runtime
             .instantiate(&module, env.limits)
             .map_err(|e| OpOutcome::failed(Kind::Rejected, format!("deploy tenant {name}: {e}")))?;
+        let store_model = module.model() == Model::Store;
+        let history = vec![ModuleVersion {
+            version: 1,
+            module_hash: module.hash().to_vec(),
+            index: at.0,
+        }];
         let mut tenant = Tenant {
             name: name.to_string(),
             module,
-            instance: Some(instance),
+            instance: (!store_model).then_some(instance),
             sessions: HashMap::new(),
             checkpoint: at,
             last_index: at.0,
             ops_since_checkpoint: 0,
             version: 1,
+            last_timestamp_ms: meta.timestamp_ms,
+            history,
+            limits: env.limits.clone(),
             metrics: TenantMetrics::new(name),
         };
-        tenant
-            .write_checkpoint(env, at, None, Some(wasm))
-            .map_err(|e| OpOutcome::failed(Kind::Rejected, e.to_string()))?;
+        let written = if store_model {
+            // Clears whatever a deleted tenant of the same name left.
+            tenant.commit_store(env, at, true, &WriteSet::new(), true, Some(wasm))
+        } else {
+            tenant.write_checkpoint(env, at, None, Some(wasm))
+        };
+        written.map_err(|e| OpOutcome::failed(Kind::Rejected, e.to_string()))?;
         Ok(tenant)
     }
 
-    /// Switches to `module` at `at`: the old version's snapshot is restored into a fresh
-    /// instance of the new one. If any step traps, the tenant stays on the old version.
-    pub fn upgrade(&mut self, env: &Env, module: Module, wasm: &[u8], at: OpPos) -> OpOutcome {
-        let snapshot = match self
-            .live(env, at)
-            .and_then(|inst| inst.snapshot().map_err(|e| (e, true)))
-        {
-            Ok(s) => s,
-            Err((err, poisoned)) => {
-                if poisoned {
-                    self.instance = None;
+    fn is_store(&self) -> bool {
+        self.module.model() == Model::Store
+    }
+
+    /// The context of the op at `at`; advances the tenant's clock.
+    fn apply_context(&mut self, at: OpPos, meta: EntryMeta) -> CallContext {
+        self.last_timestamp_ms = self.last_timestamp_ms.max(meta.timestamp_ms);
+        CallContext {
+            index: at.0,
+            term: meta.term,
+            timestamp_ms: self.last_timestamp_ms,
+            position: at.1,
+            in_apply: true,
+            seed: seed(at),
+        }
+    }
+
+    /// The context of a query or snapshot at applied index `applied`.
+    fn read_context(&self, applied: u64) -> CallContext {
+        CallContext {
+            index: applied,
+            timestamp_ms: self.last_timestamp_ms,
+            ..CallContext::default()
+        }
+    }
+
+    /// A fresh instance of a store-model module over the tenant's committed storage.
+    fn store_instance(&self, env: &Env, context: CallContext) -> Result<Instance, CallError> {
+        let mut instance = env
+            .runtime
+            .instantiate(&self.module, &self.limits)
+            .map_err(|e| CallError::Trap(format!("cannot instantiate the module: {e}")))?;
+        instance.set_storage(Some(env.store.tenant_view(&self.name)));
+        instance.set_context(context);
+        Ok(instance)
+    }
+
+    /// Commits a store-model op: `writes`, the sessions (all of them, or only `client`'s),
+    /// and the checkpoint record at `at`, in one batch. `clear`: drop the keyspace first.
+    fn commit_store(
+        &mut self,
+        env: &Env,
+        at: OpPos,
+        clear: bool,
+        writes: &WriteSet,
+        all_sessions: bool,
+        wasm: Option<&[u8]>,
+    ) -> Result<(), crate::storage::StorageError> {
+        self.commit_store_session(env, at, clear, writes, None, all_sessions, wasm)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn commit_store_session(
+        &mut self,
+        env: &Env,
+        at: OpPos,
+        clear: bool,
+        writes: &WriteSet,
+        client: Option<&str>,
+        all_sessions: bool,
+        wasm: Option<&[u8]>,
+    ) -> Result<(), crate::storage::StorageError> {
+        let sessions: Vec<(String, Vec<u8>)> = self
+            .sessions_to_proto()
+            .into_iter()
+            .filter(|s| all_sessions || Some(s.client_id.as_str()) == client)
+            .map(|s| (s.client_id.clone(), s.encode_to_vec()))
+            .collect();
+        let cp = self.checkpoint_record(at, None, false);
+        let hash = self.module.hash_hex();
+        env.store.commit_tenant_op(
+            &self.name,
+            clear,
+            writes,
+            &sessions,
+            &cp.encode_to_vec(),
+            wasm.map(|w| (hash.as_str(), w)),
+        )?;
+        self.checkpoint = at;
+        self.ops_since_checkpoint = 0;
+        Ok(())
+    }
+
+    /// Switches to `module` at `at`. The new version receives the old one's state: a memory
+    /// model's `snapshot` handed to the new `restore` (a store model keeps its keyspace, and a
+    /// change of model goes through snapshot/restore too), then the new `wraft_migrate` with
+    /// the old version number. If any step fails, the tenant stays on the old version.
+    pub fn upgrade(
+        &mut self,
+        env: &Env,
+        module: Module,
+        wasm: &[u8],
+        at: OpPos,
+        meta: EntryMeta,
+    ) -> OpOutcome {
+        let name = self.name.clone();
+        let failed = |kind: Kind, what: &str, err: &dyn std::fmt::Display| {
+            OpOutcome::failed(
+                kind,
+                format!("upgrade tenant {name}: {what}, staying on the old version: {err}"),
+            )
+        };
+        let (old_model, new_model) = (self.module.model(), module.model());
+        let clock = self.last_timestamp_ms;
+        let context = self.apply_context(at, meta);
+        // 1. The state to hand over, as the old version serializes it.
+        let handed: Option<Vec<u8>> = match (old_model, new_model) {
+            (Model::Store, Model::Store) => None,
+            (Model::Memory, _) => {
+                match self
+                    .live(env, at)
+                    .and_then(|inst| inst.snapshot().map_err(|e| (e, true)))
+                {
+                    Ok(s) => Some(s),
+                    Err((err, poisoned)) => {
+                        if poisoned {
+                            self.instance = None;
+                        }
+                        self.last_timestamp_ms = clock;
+                        return failed(Kind::Trap, "the running version's snapshot failed", &err);
+                    }
                 }
-                return OpOutcome::failed(
-                    Kind::Trap,
-                    format!(
-                        "upgrade tenant {}: the running version's snapshot failed: {err}",
-                        self.name
-                    ),
+            }
+            (Model::Store, Model::Memory) => {
+                match self
+                    .store_instance(env, self.read_context(at.0))
+                    .and_then(|mut inst| inst.snapshot())
+                {
+                    Ok(s) => Some(s),
+                    Err(err) => {
+                        self.last_timestamp_ms = clock;
+                        return failed(Kind::Trap, "the running version's snapshot failed", &err);
+                    }
+                }
+            }
+        };
+        // 2. The new version takes it over.
+        let mut next = match env.runtime.instantiate(&module, &self.limits) {
+            Ok(i) => i,
+            Err(err) => {
+                self.last_timestamp_ms = clock;
+                return failed(
+                    Kind::Rejected,
+                    "the new version cannot be instantiated",
+                    &err,
                 );
             }
         };
-        let mut next = match env.runtime.instantiate(&module, env.limits) {
-            Ok(i) => i,
-            Err(err) => {
-                return OpOutcome::failed(
-                    Kind::Rejected,
-                    format!("upgrade tenant {}: {err}", self.name),
-                )
-            }
-        };
-        if let Err(err) = next.restore(&snapshot) {
-            let outcome = OpOutcome::from_call_error(&err);
-            return match outcome {
-                OpOutcome::Failed { kind, message } => OpOutcome::failed(
-                    kind,
-                    format!("upgrade tenant {}: the new version's restore failed, staying on the old one: {message}", self.name),
-                ),
-                other => other,
-            };
+        if new_model == Model::Store {
+            next.set_storage(Some(env.store.tenant_view(&self.name)));
         }
+        next.set_context(context);
+        let mut state_out = None;
+        let took_over = (|| {
+            if let Some(snapshot) = &handed {
+                next.restore(snapshot)
+                    .map_err(|e| ("the new version's restore failed", e))?;
+            }
+            next.migrate(self.version)
+                .map_err(|e| ("the new version's migrate failed", e))?;
+            if new_model == Model::Memory {
+                // The checkpoint holds the migrated state, so a restart restores exactly it.
+                state_out = Some(
+                    next.snapshot()
+                        .map_err(|e| ("the new version's snapshot failed", e))?,
+                );
+            }
+            Ok::<_, (&str, CallError)>(())
+        })();
+        if let Err((what, err)) = took_over {
+            self.last_timestamp_ms = clock;
+            let kind = match OpOutcome::from_call_error(&err) {
+                OpOutcome::Failed { kind, .. } => kind,
+                OpOutcome::Output(_) => Kind::Trap,
+            };
+            return failed(kind, what, &err);
+        }
+        let writes = next.take_writes();
         self.module = module;
         self.version += 1;
-        self.instance = Some(next);
+        self.history.push(ModuleVersion {
+            version: self.version,
+            module_hash: self.module.hash().to_vec(),
+            index: at.0,
+        });
         self.last_index = at.0;
-        if let Err(err) = self.write_checkpoint(env, at, Some(snapshot), Some(wasm)) {
+        let written = match new_model {
+            Model::Store => {
+                self.instance = None;
+                self.commit_store(
+                    env,
+                    at,
+                    false,
+                    &writes,
+                    old_model == Model::Memory,
+                    Some(wasm),
+                )
+            }
+            Model::Memory => {
+                self.instance = Some(next);
+                let written = self.write_checkpoint(env, at, state_out, Some(wasm));
+                if old_model == Model::Store && written.is_ok() {
+                    env.store.delete_tenant_data(&self.name)
+                } else {
+                    written
+                }
+            }
+        };
+        if let Err(err) = written {
             tracing::error!(tenant = %self.name, %err, "checkpoint after upgrade failed");
         }
         OpOutcome::Output(self.module.hash_hex().into_bytes())
@@ -248,29 +466,53 @@ impl Tenant {
             .module(&hash)
             .map_err(|e| broken(e.to_string()))?
             .ok_or_else(|| broken(format!("module {hash} is missing from storage")))?;
+        let limits = crate::limits::from_stored(cp.limits.as_ref());
         let module = env
             .runtime
-            .compile(&wasm, env.limits)
+            .compile(&wasm, &limits)
             .map_err(|e| broken(e.to_string()))?;
-        let mut instance = env
-            .runtime
-            .instantiate(&module, env.limits)
-            .map_err(|e| broken(e.to_string()))?;
-        if cp.has_snapshot {
-            instance
-                .restore(&cp.snapshot)
-                .map_err(|e| broken(format!("restoring the checkpoint failed: {e}")))?;
-        }
+        let (instance, sessions) = if module.model() == Model::Store {
+            let mut sessions = Vec::new();
+            for (client, bytes) in env
+                .store
+                .sessions(&cp.tenant)
+                .map_err(|e| broken(e.to_string()))?
+            {
+                let session = Session::decode(bytes.as_slice())
+                    .map_err(|e| broken(format!("session of client {client} undecodable: {e}")))?;
+                sessions.push(session);
+            }
+            (None, sessions_from(sessions))
+        } else {
+            let mut instance = env
+                .runtime
+                .instantiate(&module, &limits)
+                .map_err(|e| broken(e.to_string()))?;
+            instance.set_context(CallContext {
+                index: cp.index,
+                timestamp_ms: cp.last_timestamp_ms,
+                ..CallContext::default()
+            });
+            if cp.has_snapshot {
+                instance
+                    .restore(&cp.snapshot)
+                    .map_err(|e| broken(format!("restoring the checkpoint failed: {e}")))?;
+            }
+            (Some(instance), sessions_from(cp.sessions))
+        };
         let metrics = TenantMetrics::new(&cp.tenant);
         Ok(Tenant {
             name: cp.tenant,
             module,
-            instance: Some(instance),
-            sessions: sessions_from(cp.sessions),
+            instance,
+            sessions,
             checkpoint: (cp.index, cp.position),
             last_index: cp.last_index,
             ops_since_checkpoint: 0,
             version: cp.version,
+            last_timestamp_ms: cp.last_timestamp_ms,
+            history: cp.history,
+            limits,
             metrics,
         })
     }
@@ -281,6 +523,96 @@ impl Tenant {
 
     pub fn version(&self) -> u64 {
         self.version
+    }
+
+    /// Every version the tenant ran, oldest first.
+    pub fn history(&self) -> &[ModuleVersion] {
+        &self.history
+    }
+
+    /// Where the tenant keeps its state.
+    pub fn model(&self) -> Model {
+        self.module.model()
+    }
+
+    /// The limits its calls run under.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Replaces the tenant's limits at `at`; the output is the limits now in force
+    /// (`TenantLimits` bytes). A memory-model state moves to a fresh instance
+    /// under the new limits through snapshot and restore, and is checkpointed there, so no
+    /// replay ever runs an op under other limits than it first ran under; a state that does not
+    /// fit the new limits keeps the old ones.
+    pub fn set_limits(
+        &mut self,
+        env: &Env,
+        at: OpPos,
+        change: &wraft_proto::log::TenantLimits,
+    ) -> OpOutcome {
+        let next = match crate::limits::merge_tenant_limits(&self.limits, change) {
+            Ok(next) => next,
+            Err(message) => {
+                return OpOutcome::failed(
+                    Kind::Rejected,
+                    format!("set limits of tenant {}: {message}", self.name),
+                )
+            }
+        };
+        if self.is_store() {
+            self.limits = next;
+            self.last_index = at.0;
+            if let Err(err) = self.commit_store(env, at, false, &WriteSet::new(), false, None) {
+                tracing::error!(tenant = %self.name, %err, "checkpoint after new limits failed");
+            }
+            return OpOutcome::Output(crate::limits::to_stored(&self.limits).encode_to_vec());
+        }
+        let snapshot = match self
+            .live(env, at)
+            .and_then(|inst| inst.snapshot().map_err(|e| (e, true)))
+        {
+            Ok(s) => s,
+            Err((err, poisoned)) => {
+                if poisoned {
+                    self.instance = None;
+                }
+                return OpOutcome::failed(
+                    Kind::Trap,
+                    format!(
+                        "set limits of tenant {}: its snapshot failed: {err}",
+                        self.name
+                    ),
+                );
+            }
+        };
+        let moved = env
+            .runtime
+            .instantiate(&self.module, &next)
+            .map_err(|e| e.to_string())
+            .and_then(|mut inst| {
+                inst.set_context(self.read_context(at.0));
+                inst.restore(&snapshot).map_err(|e| e.to_string())?;
+                Ok(inst)
+            });
+        match moved {
+            Ok(instance) => {
+                self.instance = Some(instance);
+                self.limits = next;
+                self.last_index = at.0;
+                if let Err(err) = self.write_checkpoint(env, at, Some(snapshot), None) {
+                    tracing::error!(tenant = %self.name, %err, "checkpoint after new limits failed");
+                }
+                OpOutcome::Output(crate::limits::to_stored(&self.limits).encode_to_vec())
+            }
+            Err(err) => OpOutcome::failed(
+                Kind::Rejected,
+                format!(
+                    "set limits of tenant {}: the state does not fit the new limits, keeping the old ones: {err}",
+                    self.name
+                ),
+            ),
+        }
     }
 
     /// The live instance's memory size (0 while it waits to be rebuilt after a trap).
@@ -296,30 +628,46 @@ impl Tenant {
         self.checkpoint
     }
 
+    /// Whether ops after the checkpoint were applied (a failed checkpoint leaves it so).
+    pub fn is_dirty(&self) -> bool {
+        self.ops_since_checkpoint > 0
+    }
+
     /// Applies a command at `at`, exactly once per session sequence.
-    pub fn exec(&mut self, env: &Env, at: OpPos, cmd: &Command) -> OpOutcome {
+    pub fn exec(&mut self, env: &Env, at: OpPos, meta: EntryMeta, cmd: &Command) -> OpOutcome {
         if let Some(done) = self.session_answer(cmd) {
             return done;
         }
+        if self.is_store() {
+            return self.exec_store(env, at, meta, cmd);
+        }
         let started = std::time::Instant::now();
         let metrics = self.metrics.clone();
-        let outcome = match self.live(env, at) {
-            Ok(instance) => match Self::measured_apply(&metrics, instance, &cmd.payload, started) {
-                Ok(out) => OpOutcome::Output(out),
-                Err(err) => {
-                    let outcome = OpOutcome::from_call_error(&err);
-                    if err.poisons_instance() {
-                        tracing::warn!(tenant = %self.name, index = at.0, %err, "apply trapped; rebuilding the tenant from its checkpoint");
-                        self.instance = None;
-                        if self.live(env, at).is_ok() {
-                            self.record_session(cmd, &outcome, at.0);
-                            self.checkpoint_now(env, at);
-                            return outcome;
+        let live = self.live(env, at).map(|_| ());
+        let context = self.apply_context(at, meta);
+        let outcome = match live.and_then(|()| self.live(env, at)) {
+            Ok(instance) => {
+                instance.set_context(context.clone());
+                match Self::measured_apply(&metrics, instance, &cmd.payload, started) {
+                    Ok(out) => OpOutcome::Output(out),
+                    Err(err) => {
+                        let outcome = OpOutcome::from_call_error(&err);
+                        if err.poisons_instance() {
+                            tracing::warn!(tenant = %self.name, index = at.0, %err, "apply trapped; rebuilding the tenant from its checkpoint");
+                            self.instance = None;
+                            if self.live(env, at).is_ok() {
+                                // The trapped op counts as applied (with its error), clock
+                                // included, as replay will count it.
+                                self.last_timestamp_ms = context.timestamp_ms;
+                                self.record_session(cmd, &outcome, at.0);
+                                self.checkpoint_now(env, at);
+                                return outcome;
+                            }
                         }
+                        outcome
                     }
-                    outcome
                 }
-            },
+            }
             Err((err, _)) => OpOutcome::from_call_error(&err),
         };
         self.record_session(cmd, &outcome, at.0);
@@ -333,6 +681,41 @@ impl Tenant {
         self.ops_since_checkpoint += 1;
         if self.ops_since_checkpoint >= CHECKPOINT_EVERY_OPS {
             self.checkpoint_now(env, at);
+        }
+        outcome
+    }
+
+    /// A store-model op: a fresh instance, its writes committed with its session and position
+    /// in one batch (dropped if it trapped).
+    fn exec_store(&mut self, env: &Env, at: OpPos, meta: EntryMeta, cmd: &Command) -> OpOutcome {
+        let started = std::time::Instant::now();
+        let context = self.apply_context(at, meta);
+        let (outcome, writes) = match self.store_instance(env, context) {
+            Ok(mut instance) => {
+                let result =
+                    Self::measured_apply(&self.metrics, &mut instance, &cmd.payload, started);
+                match result {
+                    Ok(out) => (OpOutcome::Output(out), instance.take_writes()),
+                    // The module's own error: its writes stand, as they would natively.
+                    Err(err @ CallError::Rejected(_)) => {
+                        (OpOutcome::from_call_error(&err), instance.take_writes())
+                    }
+                    Err(err) => (OpOutcome::from_call_error(&err), WriteSet::new()),
+                }
+            }
+            Err(err) => (OpOutcome::from_call_error(&err), WriteSet::new()),
+        };
+        self.record_session(cmd, &outcome, at.0);
+        match &outcome {
+            OpOutcome::Output(_) => self.last_index = at.0,
+            OpOutcome::Failed { kind, .. } => METRICS
+                .traps
+                .with_label_values(&[self.name.as_str(), kind.as_str_name()])
+                .inc(),
+        }
+        let client = (!cmd.client_id.is_empty()).then_some(cmd.client_id.as_str());
+        if let Err(err) = self.commit_store_session(env, at, false, &writes, client, false, None) {
+            tracing::error!(tenant = %self.name, index = at.0, %err, "committing a store-model op failed");
         }
         outcome
     }
@@ -356,10 +739,20 @@ impl Tenant {
 
     /// Runs a read-only query. A trap repairs the instance locally (rebuild up to `applied`).
     pub fn query(&mut self, env: &Env, applied: u64, query: &[u8]) -> OpOutcome {
+        let context = self.read_context(applied);
+        if self.is_store() {
+            return match self
+                .store_instance(env, context)
+                .and_then(|mut i| i.query(query))
+            {
+                Ok(out) => OpOutcome::Output(out),
+                Err(err) => OpOutcome::from_call_error(&err),
+            };
+        }
         // Every op up to and including entry `applied`, and nothing the log does not hold yet.
         let upto = (applied, u32::MAX);
         match self.live(env, upto) {
-            Ok(instance) => match instance.query(query) {
+            Ok(instance) => match instance.query_in(context, query) {
                 Ok(out) => OpOutcome::Output(out),
                 Err(err) => {
                     if err.poisons_instance() {
@@ -374,6 +767,14 @@ impl Tenant {
 
     /// The module's snapshot of the current state.
     pub fn snapshot(&mut self, env: &Env, applied: u64) -> Result<Vec<u8>, CallError> {
+        if self.is_store() {
+            // The keyspace is the state: hashed by the host, no module call.
+            return env
+                .store
+                .data_digest(&self.name)
+                .map(|d| d.to_vec())
+                .map_err(|e| CallError::Trap(format!("reading the tenant's storage: {e}")));
+        }
         // Every op up to and including entry `applied`, and nothing the log does not hold yet.
         let upto = (applied, u32::MAX);
         let instance = self.live(env, upto).map_err(|(e, _)| e)?;
@@ -417,18 +818,7 @@ impl Tenant {
         snapshot: Option<Vec<u8>>,
         wasm: Option<&[u8]>,
     ) -> Result<(), crate::storage::StorageError> {
-        let cp = TenantCheckpoint {
-            tenant: self.name.clone(),
-            index: at.0,
-            position: at.1,
-            module_hash: self.module.hash().to_vec(),
-            has_snapshot: snapshot.is_some(),
-            snapshot: snapshot.unwrap_or_default(),
-            sessions: self.sessions_to_proto(),
-            last_index: self.last_index,
-            engine: ENGINE.to_string(),
-            version: self.version,
-        };
+        let cp = self.checkpoint_record(at, snapshot, true);
         let hash = self.module.hash_hex();
         env.store.put_checkpoint(
             &self.name,
@@ -440,9 +830,44 @@ impl Tenant {
         Ok(())
     }
 
+    /// The tenant's checkpoint record at `at`: a memory model's holds the snapshot and the
+    /// sessions, a store model's neither (its sessions are records of their own).
+    fn checkpoint_record(
+        &self,
+        at: OpPos,
+        snapshot: Option<Vec<u8>>,
+        with_sessions: bool,
+    ) -> TenantCheckpoint {
+        TenantCheckpoint {
+            tenant: self.name.clone(),
+            index: at.0,
+            position: at.1,
+            module_hash: self.module.hash().to_vec(),
+            has_snapshot: snapshot.is_some(),
+            snapshot: snapshot.unwrap_or_default(),
+            sessions: if with_sessions {
+                self.sessions_to_proto()
+            } else {
+                Vec::new()
+            },
+            last_index: self.last_index,
+            engine: ENGINE.to_string(),
+            version: self.version,
+            last_timestamp_ms: self.last_timestamp_ms,
+            history: self.history.clone(),
+            limits: Some(crate::limits::to_stored(&self.limits)),
+        }
+    }
+
     /// The live instance, rebuilt first if a trap dropped it. `upto` is the first op position
     /// the rebuilt state must NOT include.
     fn live(&mut self, env: &Env, upto: OpPos) -> Result<&mut Instance, (CallError, bool)> {
+        if self.is_store() {
+            return Err((
+                CallError::Trap("a store-model tenant has no live instance".into()),
+                false,
+            ));
+        }
         if self.instance.is_none() {
             self.rebuild(env, upto)
                 .map_err(|e| (CallError::Trap(e.to_string()), false))?;
@@ -483,7 +908,7 @@ impl Tenant {
         loop {
             let mut instance = env
                 .runtime
-                .instantiate(&self.module, env.limits)
+                .instantiate(&self.module, &self.limits)
                 .map_err(|e| broken(e.to_string()))?;
             if cp.has_snapshot {
                 instance
@@ -491,6 +916,7 @@ impl Tenant {
                     .map_err(|e| broken(format!("restoring the checkpoint failed: {e}")))?;
             }
             self.sessions = sessions_from(cp.sessions.clone());
+            self.last_timestamp_ms = cp.last_timestamp_ms;
             self.instance = Some(instance);
             let mut trapped = None;
             'replay: for entry in &entries {
@@ -499,6 +925,10 @@ impl Tenant {
                 }
                 let Ok(log_entry) = envelope::decode(&entry.data) else {
                     continue;
+                };
+                let meta = EntryMeta {
+                    term: entry.term,
+                    timestamp_ms: log_entry.timestamp_ms,
                 };
                 for (pos, op) in log_entry.ops.iter().enumerate() {
                     let at = (entry.index, pos as u32);
@@ -511,6 +941,7 @@ impl Tenant {
                     if self.session_answer(cmd).is_some() {
                         continue;
                     }
+                    let context = self.apply_context(at, meta);
                     if let Some(outcome) = skip.get(&at) {
                         let outcome = outcome.clone();
                         self.record_session(cmd, &outcome, at.0);
@@ -519,6 +950,7 @@ impl Tenant {
                     let Some(instance) = self.instance.as_mut() else {
                         break 'replay;
                     };
+                    instance.set_context(context);
                     let outcome = match instance.apply(&cmd.payload) {
                         Ok(out) => OpOutcome::Output(out),
                         Err(err) if err.poisons_instance() => {

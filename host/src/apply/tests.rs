@@ -52,6 +52,8 @@ struct Harness {
     thread: Option<std::thread::JoinHandle<()>>,
     replay_from: u64,
     view: SharedView,
+    /// The leader timestamp the next entries carry.
+    timestamp_ms: u64,
 }
 
 fn start(dir: &std::path::Path) -> Harness {
@@ -82,6 +84,7 @@ fn start(dir: &std::path::Path) -> Harness {
         thread: Some(thread),
         replay_from,
         view,
+        timestamp_ms: 0,
     }
 }
 
@@ -127,7 +130,7 @@ impl Harness {
                 .collect();
             let data = crate::envelope::encode(&LogEntry {
                 version: ENVELOPE_VERSION,
-                timestamp_ms: 0,
+                timestamp_ms: self.timestamp_ms,
                 ops: ops.clone(),
             });
             batch.push(Entry {
@@ -443,5 +446,245 @@ fn a_deployed_tenant_is_visible_as_soon_as_the_deploy_is_answered() {
         !h.view.read().unwrap().tenants.contains_key("t"),
         "delete answered before the view dropped the tenant"
     );
+    h.stop();
+}
+
+/// A store-model counter: the count lives in host storage under key `n`. `apply` writes the
+/// new count FIRST and then traps when the command starts with `t`, so a trap's write must be
+/// dropped; `c` returns the 64-byte context record instead.
+const STORE_COUNTER: &str = r#"(module
+  (import "wraft" "context" (func $context (param i32)))
+  (import "wraft" "take_output" (func $take (param i32)))
+  (import "wraft" "storage_get" (func $get (param i32 i32) (result i64)))
+  (import "wraft" "storage_put" (func $put (param i32 i32 i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "n")
+  (func (export "wraft_abi_v1"))
+  (func (export "wraft_model_store"))
+  (func (export "wraft_alloc") (param i32) (result i32) (i32.const 1024))
+  (func $load (result i64)
+    (if (result i64) (i64.lt_s (call $get (i32.const 100) (i32.const 1)) (i64.const 0))
+      (then (i64.const 0))
+      (else (call $take (i32.const 200)) (i64.load (i32.const 200)))))
+  (func $out (param $v i64) (result i64)
+    (i32.store8 (i32.const 2000) (i32.const 0))
+    (i64.store (i32.const 2001) (local.get $v))
+    (i64.or (i64.shl (i64.const 2000) (i64.const 32)) (i64.const 9)))
+  (func (export "wraft_apply") (param $ptr i32) (param $len i32) (result i64)
+    (local $v i64)
+    (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 99))
+      (then
+        (call $context (i32.const 3001))
+        (i32.store8 (i32.const 3000) (i32.const 0))
+        (return (i64.or (i64.shl (i64.const 3000) (i64.const 32)) (i64.const 65)))))
+    (local.set $v (i64.add (call $load) (i64.const 1)))
+    (i64.store (i32.const 300) (local.get $v))
+    (call $put (i32.const 100) (i32.const 1) (i32.const 300) (i32.const 8))
+    (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 116)) (then unreachable))
+    (call $out (local.get $v)))
+  (func (export "wraft_query") (param $ptr i32) (param $len i32) (result i64)
+    (call $out (call $load)))
+  (func (export "wraft_snapshot") (result i64) (call $out (call $load)))
+  (func (export "wraft_restore") (param $ptr i32) (param $len i32) (result i64)
+    (call $put (i32.const 100) (i32.const 1) (local.get $ptr) (i32.const 8))
+    (i32.store8 (i32.const 2000) (i32.const 0))
+    (i64.or (i64.shl (i64.const 2000) (i64.const 32)) (i64.const 1)))
+)"#;
+
+fn deploy_wat(wat: &str) -> op::Kind {
+    let wasm = wat::parse_str(wat).unwrap();
+    let hash: [u8; 32] = Sha256::digest(&wasm).into();
+    op::Kind::Deploy(Deploy {
+        wasm,
+        module_hash: hash.to_vec(),
+        engine: crate::wasm::ENGINE.to_string(),
+    })
+}
+
+fn context_of(outcome: &OpOutcome) -> (u64, u64, u64, u32, bool, [u8; 32]) {
+    let OpOutcome::Output(b) = outcome else {
+        panic!("expected the context, got {outcome:?}")
+    };
+    assert_eq!(b.len(), 64);
+    let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+    let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+    (
+        u64_at(0),
+        u64_at(8),
+        u64_at(16),
+        u32_at(24),
+        u32_at(28) == 1,
+        b[32..64].try_into().unwrap(),
+    )
+}
+
+#[test]
+fn store_model_writes_commit_with_the_op_and_a_trap_drops_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = start(dir.path());
+    h.commit(vec![deploy_wat(STORE_COUNTER)]);
+    assert_eq!(h.commit(vec![cmd("a")]), vec![output(1)]);
+    let trapped = h.commit(vec![cmd("t")]);
+    assert!(is_trap(&trapped[0]), "{trapped:?}");
+    assert_eq!(h.commit(vec![cmd("a")]), vec![output(2)]);
+    let mixed = h.commit(vec![cmd("a"), cmd("t"), cmd("a")]);
+    assert_eq!(mixed[0], output(3));
+    assert!(is_trap(&mixed[1]), "{mixed:?}");
+    assert_eq!(mixed[2], output(4));
+    assert_eq!(h.counter(), 4);
+    let digest = h.digest();
+    h.crash();
+
+    // Every op was committed with its position: nothing to replay twice, nothing lost.
+    let h = start(dir.path());
+    h.replay();
+    assert_eq!(h.counter(), 4);
+    assert_eq!(h.digest(), digest);
+    h.stop();
+}
+
+#[test]
+fn the_context_comes_from_the_log_and_its_clock_never_goes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = start(dir.path());
+    h.commit(vec![deploy_wat(STORE_COUNTER)]);
+    h.timestamp_ms = 5_000;
+    let first = h.commit(vec![cmd("c"), cmd("c")]);
+    let (index, term, ts, pos, in_apply, seed0) = context_of(&first[0]);
+    assert_eq!((term, ts, pos, in_apply), (1, 5_000, 0, true));
+    assert_eq!(index, h.raft.hard_state().commit);
+    let (_, _, _, pos1, _, seed1) = context_of(&first[1]);
+    assert_eq!(pos1, 1);
+    assert_ne!(seed0, seed1, "each op gets its own seed");
+    assert_ne!(seed0, [0; 32]);
+    // A new leader whose clock is behind: the tenant's clock stays where it was.
+    h.timestamp_ms = 4_000;
+    let (_, _, ts, _, _, _) = context_of(&h.commit(vec![cmd("c")])[0]);
+    assert_eq!(ts, 5_000);
+    h.timestamp_ms = 6_000;
+    let (_, _, ts, _, _, _) = context_of(&h.commit(vec![cmd("c")])[0]);
+    assert_eq!(ts, 6_000);
+    h.stop();
+}
+
+#[test]
+fn an_upgrade_moves_the_state_between_models_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (memory, _) = trappy_deploy(crate::wasm::ENGINE);
+    let mut h = start(dir.path());
+    h.commit(vec![memory.clone()]);
+    h.commit(vec![cmd("a"), cmd("a"), cmd("a")]);
+    // Memory -> store: TRAPPY's snapshot (the count) goes through the store module's restore.
+    let upgraded = h.commit(vec![deploy_wat(STORE_COUNTER)]);
+    assert!(matches!(upgraded[0], OpOutcome::Output(_)), "{upgraded:?}");
+    assert_eq!(h.counter(), 3);
+    assert_eq!(h.commit(vec![cmd("a")]), vec![output(4)]);
+    // Store -> memory: the store module's snapshot goes through TRAPPY's restore.
+    let back = h.commit(vec![memory]);
+    assert!(matches!(back[0], OpOutcome::Output(_)), "{back:?}");
+    assert_eq!(h.commit(vec![cmd("a")]), vec![output(5)]);
+    let view = h.view.read().unwrap().tenants.get("t").cloned().unwrap();
+    assert_eq!(view.version, 3);
+    assert_eq!(
+        view.history.iter().map(|v| v.0).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    h.crash();
+    let h = start(dir.path());
+    h.replay();
+    assert_eq!(h.counter(), 5);
+    h.stop();
+}
+
+#[test]
+fn a_failing_migrate_leaves_the_tenant_on_the_old_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let (memory, hash) = trappy_deploy(crate::wasm::ENGINE);
+    let mut h = start(dir.path());
+    h.commit(vec![memory]);
+    h.commit(vec![cmd("a")]);
+    let refusing = TRAPPY.replace(
+        "(func (export \"wraft_abi_v1\"))",
+        "(func (export \"wraft_abi_v1\"))\n  (func (export \"wraft_migrate\") (param i64) (result i64) unreachable)",
+    );
+    let refused = h.commit(vec![deploy_wat(&refusing)]);
+    match &refused[0] {
+        OpOutcome::Failed { kind, message } => {
+            assert_eq!(*kind, Kind::Trap);
+            assert!(
+                message.contains("migrate failed, staying on the old version"),
+                "{message}"
+            );
+        }
+        other => panic!("expected the upgrade to fail, got {other:?}"),
+    }
+    let view = h.view.read().unwrap().tenants.get("t").cloned().unwrap();
+    assert_eq!((view.version, view.module_hash), (1, hex::encode(hash)));
+    assert_eq!(h.commit(vec![cmd("a")]), vec![output(2)]);
+    h.stop();
+}
+
+fn set_limits(fuel_per_call: u64) -> op::Kind {
+    op::Kind::SetLimits(wraft_proto::log::SetLimits {
+        limits: Some(wraft_proto::log::TenantLimits {
+            fuel_per_call,
+            ..Default::default()
+        }),
+    })
+}
+
+#[test]
+fn limits_are_replicated_config_that_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (deploy, _) = trappy_deploy(crate::wasm::ENGINE);
+    let mut h = start(dir.path());
+    h.commit(vec![deploy]);
+    assert_eq!(h.commit(vec![cmd("a")]), vec![output(1)]);
+    // Too little fuel for any apply: the op fails, the state stays.
+    assert!(matches!(
+        h.commit(vec![set_limits(20)])[0],
+        OpOutcome::Output(_)
+    ));
+    let starved = h.commit(vec![cmd("a")]);
+    assert!(
+        matches!(
+            &starved[0],
+            OpOutcome::Failed {
+                kind: Kind::OutOfFuel,
+                ..
+            }
+        ),
+        "{starved:?}"
+    );
+    // Over the cap: refused, the limits stay.
+    match &h.commit(vec![set_limits(u64::MAX)])[0] {
+        OpOutcome::Failed { kind, message } => {
+            assert_eq!(*kind, Kind::Rejected);
+            assert!(message.contains("over the cap"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    h.crash();
+    // The limits are in the checkpoint: still starved after a restart and replay.
+    let mut h = start(dir.path());
+    h.replay();
+    let starved = h.commit(vec![cmd("a")]);
+    assert!(
+        matches!(
+            &starved[0],
+            OpOutcome::Failed {
+                kind: Kind::OutOfFuel,
+                ..
+            }
+        ),
+        "{starved:?}"
+    );
+    assert!(matches!(
+        h.commit(vec![set_limits(1_000_000)])[0],
+        OpOutcome::Output(_)
+    ));
+    assert_eq!(h.commit(vec![cmd("a")]), vec![output(2)]);
+    let view = h.view.read().unwrap().tenants.get("t").cloned().unwrap();
+    assert_eq!(view.limits.fuel_per_call, 1_000_000);
     h.stop();
 }

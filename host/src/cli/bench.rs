@@ -36,6 +36,9 @@ use crate::client::Client;
 enum Level {
     /// Through the leader, never stale.
     Linearizable,
+    /// Through the leader, without a quorum round while it holds its lease (assumes bounded
+    /// clock drift); otherwise as linearizable.
+    Lease,
     /// From the node asked; may lag.
     Stale,
 }
@@ -65,6 +68,10 @@ pub struct Args {
     /// Size of the key space: keys are `k0` .. `k{N-1}`, picked uniformly at random.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     keys: u64,
+    /// Take the keys in order (k0, k1, ..., wrapping) instead of at random: with --ops equal
+    /// to --keys every key is written once, to load a known amount of state.
+    #[arg(long)]
+    sequential_keys: bool,
     /// Bytes in each written value (at most 1 MiB, the node's limit on a command).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=crate::limits::MAX_COMMAND_BYTES as u64))]
     value_size: u64,
@@ -122,6 +129,8 @@ struct Load {
     /// `Bearer <token>` for every request (`--token`), when the cluster requires one.
     authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     keys: u64,
+    /// `--sequential-keys`: the next key to take.
+    next_key: Option<AtomicU64>,
     value_size: usize,
     /// Random alphanumeric text, twice `value_size` long: a value is a slice of it at a random
     /// offset, so that making one costs a copy however large it is, and all loops share it.
@@ -316,6 +325,7 @@ async fn bench(args: Args) -> Result<ExitCode, Setup> {
         tenant: args.tenant.clone(),
         authorization,
         keys: args.keys,
+        next_key: args.sequential_keys.then(|| AtomicU64::new(0)),
         value_size,
         pool: {
             let mut rng = rand::rng();
@@ -326,6 +336,7 @@ async fn bench(args: Args) -> Result<ExitCode, Setup> {
         read_ratio: args.read_ratio,
         consistency: match args.consistency {
             Level::Linearizable => Consistency::Linearizable,
+            Level::Lease => Consistency::Lease,
             Level::Stale => Consistency::Stale,
         },
         timeout: Duration::from_secs_f64(args.timeout),
@@ -467,7 +478,10 @@ async fn request_loop(
     let counts_by_bar = matches!(load.stop, Stop::Ops(_));
     while load.take_ticket() {
         let is_read = rng.random::<f64>() < load.read_ratio;
-        let key = rng.random_range(0..load.keys);
+        let key = match &load.next_key {
+            Some(next) => next.fetch_add(1, Ordering::Relaxed) % load.keys,
+            None => rng.random_range(0..load.keys),
+        };
         let started = Instant::now();
         let result = if is_read {
             read(&mut client, &load, key).await

@@ -14,7 +14,13 @@ pub struct DeployArgs {
     #[arg(long)]
     tenant: String,
     /// The module, built for wasm32-unknown-unknown.
-    file: PathBuf,
+    #[arg(required_unless_present = "rollback_to")]
+    file: Option<PathBuf>,
+    /// Instead of a file: deploy again the module the tenant ran as this version (`wraft
+    /// tenants --history` lists them), as its newest version. The current state goes through
+    /// that module's restore/migrate hooks like any upgrade.
+    #[arg(long, conflicts_with = "file")]
+    rollback_to: Option<u64>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -57,18 +63,25 @@ pub async fn delete(args: DeleteArgs) -> ExitCode {
 }
 
 pub async fn deploy(args: DeployArgs) -> ExitCode {
-    let wasm = match std::fs::read(&args.file) {
-        Ok(w) => w,
-        Err(err) => {
-            eprintln!("error: read {}: {err}", args.file.display());
-            return ExitCode::from(2);
-        }
-    };
     let client = match args.endpoints.client() {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match client.deploy(&args.tenant, wasm).await {
+    let result = match (&args.file, args.rollback_to) {
+        (_, Some(version)) => client.rollback(&args.tenant, version).await,
+        (Some(file), None) => match std::fs::read(file) {
+            Ok(wasm) => client.deploy(&args.tenant, wasm).await,
+            Err(err) => {
+                eprintln!("error: read {}: {err}", file.display());
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => {
+            eprintln!("error: give a module file or --rollback-to VERSION");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
         Ok(resp) => {
             println!("{}", resp.module_hash);
             ExitCode::SUCCESS

@@ -11,6 +11,7 @@ mod config;
 mod digest;
 mod exec;
 mod leader;
+mod limits;
 mod member;
 mod query;
 mod serve;
@@ -130,6 +131,8 @@ enum Command {
     /// Leadership: `wraft leader transfer [--to N]`.
     #[command(subcommand)]
     Leader(leader::Command),
+    /// Set a tenant's limits (admin; replicated): fuel, memory, result size, stack depth.
+    Limits(limits::Args),
     /// Membership: `wraft member add|promote|remove|list`.
     #[command(subcommand)]
     Member(member::Command),
@@ -169,6 +172,7 @@ pub fn main() -> ExitCode {
             Command::Delete(args) => exec::delete(args).await,
             Command::Leader(command) => leader::run(command).await,
             Command::Member(command) => member::run(command).await,
+            Command::Limits(args) => limits::run(args).await,
             Command::Bench(args) => bench::run(args).await,
         }
     })

@@ -11,6 +11,9 @@ use super::{fail, finish, Endpoints};
 enum Level {
     /// Through the leader, never stale.
     Linearizable,
+    /// Through the leader, without a quorum round while it holds its lease (assumes bounded
+    /// clock drift); otherwise as linearizable.
+    Lease,
     /// From the node asked; may lag.
     Stale,
 }
@@ -30,6 +33,7 @@ pub struct Args {
 pub async fn run(args: Args) -> ExitCode {
     let consistency = match args.consistency {
         Level::Linearizable => Consistency::Linearizable,
+        Level::Lease => Consistency::Lease,
         Level::Stale => Consistency::Stale,
     };
     let client = match args.endpoints.client() {

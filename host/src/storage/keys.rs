@@ -85,6 +85,17 @@ pub(crate) fn checkpoint_key(tenant: &str) -> Vec<u8> {
     [CHECKPOINT_PREFIX, tenant.as_bytes()].concat()
 }
 
+/// Prefix of a store-model tenant's own keys in `state`: `dat/{tenant}/{key}` (tenant names
+/// hold no `/`, see `limits::check_tenant_name`).
+pub(crate) fn data_prefix(tenant: &str) -> Vec<u8> {
+    [b"dat/", tenant.as_bytes(), b"/"].concat()
+}
+
+/// Prefix of a store-model tenant's session records: `ses/{tenant}/{client id}`.
+pub(crate) fn session_prefix(tenant: &str) -> Vec<u8> {
+    [b"ses/", tenant.as_bytes(), b"/"].concat()
+}
+
 pub(crate) fn module_key(hash_hex: &str) -> Vec<u8> {
     [MODULE_PREFIX, hash_hex.as_bytes()].concat()
 }

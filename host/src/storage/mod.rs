@@ -24,6 +24,7 @@
 mod keys;
 mod raft_log;
 mod state;
+mod tenant_data;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -24,7 +24,7 @@ use super::{cf, StorageError};
 /// Cheap to clone; all clones share the database.
 #[derive(Clone)]
 pub struct StateStore {
-    db: Arc<DB>,
+    pub(super) db: Arc<DB>,
     generation: u64,
 }
 
@@ -33,7 +33,7 @@ impl StateStore {
         StateStore { db, generation }
     }
 
-    fn key(&self, key: &[u8]) -> Vec<u8> {
+    pub(super) fn key(&self, key: &[u8]) -> Vec<u8> {
         keys::in_generation(self.generation, key)
     }
 
@@ -221,7 +221,7 @@ impl StateStore {
     }
 }
 
-fn check_hash(hash_hex: &str) -> Result<(), StorageError> {
+pub(super) fn check_hash(hash_hex: &str) -> Result<(), StorageError> {
     let ok = hash_hex.len() == 64
         && hash_hex
             .bytes()

@@ -20,7 +20,10 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use serde::{Deserialize, Deserializer, Serialize};
-use wraft_guest_sdk::StateMachine;
+use wraft_guest_sdk::{Codec as _, StateMachine};
+
+/// How kv2's snapshots start (see `restore`).
+const KV2_SNAPSHOT_TAG: &[u8] = b"wkv\x02";
 
 /// How many items a scan without `limit` returns at most.
 pub const DEFAULT_SCAN_LIMIT: usize = 1000;
@@ -161,7 +164,18 @@ impl StateMachine for Kv {
         out
     }
 
+    /// Reads kv's own format, and kv2's (what a rollback from kv2 to kv hands over): the same
+    /// keys and values, without kv2's per-key versions, which kv does not keep.
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
+        if let Some(body) = snapshot.strip_prefix(KV2_SNAPSHOT_TAG) {
+            let entries: Vec<(String, (String, u64))> = wraft_guest_sdk::Postcard::decode(body)
+                .map_err(|e| format!("kv2 snapshot (a rollback from kv2): {e}"))?;
+            self.map = entries
+                .into_iter()
+                .map(|(key, (value, _version))| (key, value))
+                .collect();
+            return Ok(());
+        }
         let (&version, mut rest) = snapshot
             .split_first()
             .ok_or("kv snapshot is empty (expected at least the version byte)")?;

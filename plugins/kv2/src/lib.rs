@@ -587,15 +587,24 @@ mod tests {
         assert!(second.snapshot().starts_with(KV2_SNAPSHOT_TAG));
     }
 
-    /// kv v1 cannot read kv2's format, so a rollback fails (and the cluster stays on kv2).
+    /// kv v1 reads kv2's format (keys and values; it keeps no versions), so a rollback from
+    /// kv2 to kv keeps every key.
     #[test]
-    fn rollback_to_kv_v1_is_refused() {
+    fn rollback_to_kv_v1_keeps_every_key() {
         let mut v2 = Harness::<Kv2>::new();
         put(&mut v2, "a", "1");
-        let err = v2.upgrade_to::<Kv>().map(|_| ()).unwrap_err();
-        assert!(
-            err.contains("version 119"),
-            "kv v1 reads 'w' as a version: {err}"
+        put(&mut v2, "b", "2");
+        put(&mut v2, "a", "3");
+        let v1 = v2.upgrade_to::<Kv>().expect("kv restores kv2's snapshot");
+        assert_eq!(
+            v1.query(br#"{"op":"get","key":"a"}"#)
+                .map(String::from_utf8),
+            Ok(Ok(r#"{"value":"3"}"#.to_string()))
+        );
+        assert_eq!(
+            v1.query(br#"{"op":"get","key":"b"}"#)
+                .map(String::from_utf8),
+            Ok(Ok(r#"{"value":"2"}"#.to_string()))
         );
     }
 
