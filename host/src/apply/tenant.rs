@@ -140,6 +140,17 @@ struct SessionEntry {
     index: u64,
 }
 
+impl SessionEntry {
+    fn to_proto(&self, client_id: &str) -> Session {
+        Session {
+            client_id: client_id.to_string(),
+            seq: self.seq,
+            outcome: Some(self.outcome.to_stored()),
+            index: self.index,
+        }
+    }
+}
+
 /// This tenant's metric series, looked up once: apply is a hot path, and a labelled lookup
 /// hashes the label and takes a lock each time.
 #[derive(Clone)]
@@ -296,12 +307,19 @@ impl Tenant {
         all_sessions: bool,
         wasm: Option<&[u8]>,
     ) -> Result<(), crate::storage::StorageError> {
-        let sessions: Vec<(String, Vec<u8>)> = self
-            .sessions_to_proto()
-            .into_iter()
-            .filter(|s| all_sessions || Some(s.client_id.as_str()) == client)
-            .map(|s| (s.client_id.clone(), s.encode_to_vec()))
-            .collect();
+        // Per op only the caller's session changed: encode that one, not every session.
+        let sessions: Vec<(String, Vec<u8>)> = if all_sessions {
+            self.sessions_to_proto()
+                .into_iter()
+                .map(|s| (s.client_id.clone(), s.encode_to_vec()))
+                .collect()
+        } else {
+            client
+                .and_then(|id| self.sessions.get(id).map(|s| (id, s)))
+                .map(|(id, s)| (id.to_string(), s.to_proto(id).encode_to_vec()))
+                .into_iter()
+                .collect()
+        };
         let cp = self.checkpoint_record(at, None, false);
         let hash = self.module.hash_hex();
         env.store.commit_tenant_op(
@@ -1007,16 +1025,7 @@ impl Tenant {
     }
 
     fn sessions_to_proto(&self) -> Vec<Session> {
-        let mut out: Vec<Session> = self
-            .sessions
-            .iter()
-            .map(|(id, s)| Session {
-                client_id: id.clone(),
-                seq: s.seq,
-                outcome: Some(s.outcome.to_stored()),
-                index: s.index,
-            })
-            .collect();
+        let mut out: Vec<Session> = self.sessions.iter().map(|(id, s)| s.to_proto(id)).collect();
         // Sorted so that every replica writes the same bytes.
         out.sort_by(|a, b| a.client_id.cmp(&b.client_id));
         out
