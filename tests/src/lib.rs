@@ -24,6 +24,7 @@ pub mod linearizability;
 pub mod outcome;
 pub mod paths;
 pub mod proxy;
+pub mod register;
 pub mod wait;
 
 pub use cli::{run_cli, CliOutput};

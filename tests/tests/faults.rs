@@ -551,62 +551,28 @@ mod membership_faults {
         op: Op,
         seen: &Seen,
     ) -> Outcome {
-        let command = match &op {
-            Op::Put { value } => json!({"op": "put", "key": key, "value": value}),
-            Op::Cas { expect, value } => {
-                json!({"op": "cas", "key": key, "expect": expect, "value": value})
-            }
-            Op::Get => unreachable!("reads go through Query"),
+        let deadlines = wraft_tests::register::Deadlines {
+            timeout: CALL_TIMEOUT,
+            backstop: CALL_BACKSTOP,
         };
-        let mut request = tonic::Request::new(exec_request(
+        match wraft_tests::register::write(
+            history,
+            process,
+            &mut client,
+            node,
             REGISTERS,
-            command.to_string().into_bytes(),
-            "",
-            0,
-        ));
-        request.set_timeout(CALL_TIMEOUT);
-        let inv = history.invoke(process, key, op.clone());
-        let result = tokio::time::timeout(CALL_BACKSTOP, client.exec(request)).await;
-        let (outcome, note) = match result {
-            Err(_) => (Outcome::Unknown, format!("node {node}: no answer")),
-            Ok(result) => match ExecOutcome::from_result(result) {
-                ExecOutcome::Ok { index, output } => {
-                    let out = wraft_tests::json(&output);
-                    let text = |v: &serde_json::Value| v.as_str().map(String::from);
-                    let ret = match op {
-                        Op::Put { .. } => Ret::Put {
-                            prev: text(&out["prev"]),
-                        },
-                        _ => Ret::Cas {
-                            ok: out["ok"]
-                                .as_bool()
-                                .unwrap_or_else(|| panic!("cas output without ok: {out}")),
-                            current: text(&out["current"]),
-                        },
-                    };
-                    (Outcome::Ok(ret), format!("node {node} index {index}"))
-                }
-                other @ ExecOutcome::ModuleError { .. } => {
-                    // Applied as a no-op: kv rejects none of these commands.
-                    seen.violation(format!("{command} through node {node}: {other}"));
-                    (Outcome::Unknown, format!("node {node}: {other}"))
-                }
-                ExecOutcome::Definite(s) => (
-                    Outcome::Fail,
-                    format!("node {node}: definite {:?} {}", s.code(), s.message()),
-                ),
-                ExecOutcome::Indeterminate(s) => (
-                    Outcome::Unknown,
-                    format!("node {node}: indeterminate {:?} {}", s.code(), s.message()),
-                ),
-                ExecOutcome::Unclassified(s) => (
-                    Outcome::Unknown,
-                    format!("node {node}: unclassified {:?} {}", s.code(), s.message()),
-                ),
-            },
-        };
-        history.complete(inv, outcome.clone(), note);
-        outcome
+            key,
+            op,
+            deadlines,
+        )
+        .await
+        {
+            Ok((outcome, _)) => outcome,
+            Err(broken) => {
+                seen.violation(broken);
+                Outcome::Unknown
+            }
+        }
     }
 
     /// One kv `get` (LINEARIZABLE or LEASE), recorded; any error is a read that did nothing.

@@ -22,11 +22,11 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tokio::task::JoinSet;
 use wraft_tests::api::{Consistency, QueryRequest};
-use wraft_tests::cluster::{exec_request, Client, ClusterOptions};
-use wraft_tests::faults;
-use wraft_tests::history::{History, Invocation};
+use wraft_tests::cluster::{Client, ClusterOptions};
+use wraft_tests::history::History;
 use wraft_tests::linearizability::{check, CheckError, Op, Outcome, Ret};
-use wraft_tests::{wait_until, within, Cluster, ExecOutcome, NodeId, QueryOutcome};
+use wraft_tests::{faults, register};
+use wraft_tests::{wait_until, within, Cluster, NodeId, QueryOutcome};
 
 const TENANT: &str = "kv";
 const HOT_KEYS: [&str; 3] = ["x", "y", "z"];
@@ -104,70 +104,13 @@ async fn exec_recorded(
     key: &str,
     op: Op,
 ) -> (Outcome, Option<u64>) {
-    let command = match &op {
-        Op::Put { value } => json!({"op": "put", "key": key, "value": value}),
-        Op::Cas { expect, value } => {
-            json!({"op": "cas", "key": key, "expect": expect, "value": value})
-        }
-        Op::Get => unreachable!("reads go through Query"),
+    let deadlines = register::Deadlines {
+        timeout: CALL_TIMEOUT,
+        backstop: CALL_BACKSTOP,
     };
-    let mut request = tonic::Request::new(exec_request(
-        TENANT,
-        command.to_string().into_bytes(),
-        "",
-        0,
-    ));
-    request.set_timeout(CALL_TIMEOUT);
-    let inv: Invocation = history.invoke(process, key, op.clone());
-    let result = tokio::time::timeout(CALL_BACKSTOP, client.exec(request)).await;
-    let (outcome, index, note) = match result {
-        Err(_) => (Outcome::Unknown, None, format!("node {node}: no answer")),
-        Ok(result) => match ExecOutcome::from_result(result) {
-            ExecOutcome::Ok { index, output } => {
-                let out = wraft_tests::json(&output);
-                let text = |v: &serde_json::Value| v.as_str().map(String::from);
-                let ret = match op {
-                    Op::Put { .. } => Ret::Put {
-                        prev: text(&out["prev"]),
-                    },
-                    _ => Ret::Cas {
-                        ok: out["ok"]
-                            .as_bool()
-                            .unwrap_or_else(|| panic!("cas output without ok: {out}")),
-                        current: text(&out["current"]),
-                    },
-                };
-                (
-                    Outcome::Ok(ret),
-                    Some(index),
-                    format!("node {node} index {index}"),
-                )
-            }
-            // Applied as a no-op; the kv module rejects none of these commands, so this is a
-            // broken promise, reported by the caller.
-            other @ ExecOutcome::ModuleError { .. } => {
-                panic!("{command} through node {node}: {other}")
-            }
-            ExecOutcome::Definite(s) => (
-                Outcome::Fail,
-                None,
-                format!("node {node}: definite {:?} {}", s.code(), s.message()),
-            ),
-            ExecOutcome::Indeterminate(s) => (
-                Outcome::Unknown,
-                None,
-                format!("node {node}: indeterminate {:?} {}", s.code(), s.message()),
-            ),
-            // Transport failure, or our own deadline: the node may have applied it.
-            ExecOutcome::Unclassified(s) => (
-                Outcome::Unknown,
-                None,
-                format!("node {node}: unclassified {:?} {}", s.code(), s.message()),
-            ),
-        },
-    };
-    history.complete(inv, outcome.clone(), note);
-    (outcome, index)
+    register::write(history, process, client, node, TENANT, key, op, deadlines)
+        .await
+        .unwrap_or_else(|broken| panic!("{broken}"))
 }
 
 /// Runs one LINEARIZABLE `get` and records it (any error: a read that did nothing, a fail).
