@@ -4,7 +4,9 @@
 set -euo pipefail
 
 need_apt=()
-if ! ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 && ! ldconfig -p 2>/dev/null | grep -q libclang; then
+# libclang itself (`libclang.so`, `libclang-N.so`), not `libclang-cpp`, which some images ship alone.
+if ! ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 \
+  && ! ldconfig -p 2>/dev/null | grep -Eq 'libclang(-[0-9.]+)?\.so'; then
   need_apt+=(libclang-dev)
 fi
 command -v c++ >/dev/null 2>&1 || need_apt+=(g++)
