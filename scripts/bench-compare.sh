@@ -6,6 +6,10 @@
 #                                        one; ROUNDS rounds, each running every workload on
 #                                        etcd and on wraft alternately (the order flips every
 #                                        round); prints medians; raw JSON lines in $DIR/compare.jsonl
+#   scripts/bench-compare.sh idle        two wraft clusters side by side, one with $IDLE idle kv
+#                                        tenants beside the measured one, one without; ROUNDS
+#                                        rounds alternating them (issue 6: no figure may get
+#                                        worse by more than 5% with 100 idle tenants)
 #   scripts/bench-compare.sh deploy      deploy time of a 1 MiB module (kv padded with a custom
 #                                        section), fresh (compiled) and again (cached)
 #   scripts/bench-compare.sh catchup     load ~1 GiB into kv tenants, add a 4th node with
@@ -34,6 +38,9 @@ W_PORTS=(7301 7302 7303)
 E_CLIENT=(7311 7312 7313)
 E_PEER=(7321 7322 7323)
 W_E=127.0.0.1:7301,127.0.0.1:7302,127.0.0.1:7303
+# The second wraft cluster of `idle` (no idle tenants).
+B_PORTS=(7331 7332 7333)
+B_E=127.0.0.1:7331,127.0.0.1:7332,127.0.0.1:7333
 E_E=127.0.0.1:7311,127.0.0.1:7312,127.0.0.1:7313
 
 pids=()
@@ -142,6 +149,11 @@ run_one() {
     wraft/get-linearizable-c256) cmd=("$wraft" bench --endpoints "$W_E" --clients 256 --read-ratio 1 --consistency linearizable) ;;
     wraft/get-lease-c256) cmd=("$wraft" bench --endpoints "$W_E" --clients 256 --read-ratio 1 --consistency lease) ;;
     wraft/get-stale-c256) cmd=("$wraft" bench --endpoints "$W_E" --clients 256 --read-ratio 1 --consistency stale) ;;
+    wraft-bare/put-c1) cmd=("$wraft" bench --endpoints "$B_E" --clients 1) ;;
+    wraft-bare/put-c256) cmd=("$wraft" bench --endpoints "$B_E" --clients 256) ;;
+    wraft-bare/get-linearizable-c256) cmd=("$wraft" bench --endpoints "$B_E" --clients 256 --read-ratio 1 --consistency linearizable) ;;
+    wraft-bare/get-lease-c256) cmd=("$wraft" bench --endpoints "$B_E" --clients 256 --read-ratio 1 --consistency lease) ;;
+    wraft-bare/get-stale-c256) cmd=("$wraft" bench --endpoints "$B_E" --clients 256 --read-ratio 1 --consistency stale) ;;
     *) echo "unknown run $system/$workload" >&2; return 1 ;;
   esac
   cmd+=(--duration "$DURATION" --value-size 256 --keys 1000 --fsync-probe "$DIR" --json)
@@ -177,7 +189,7 @@ order = ["put-c1", "put-c256", "get-linearizable-c256", "get-serializable-c256",
 print("| system | workload | ops/s median | ops/s (rounds) | p50 ms | p99 ms | errors | fsync median µs (rounds) | load (rounds) |")
 print("| --- | --- | ---: | --- | ---: | ---: | ---: | --- | --- |")
 for wl in order:
-    for system in ["etcd", "wraft"]:
+    for system in ["etcd", "wraft", "wraft-bare"]:
         runs = [r for r in rows if r["system"] == system and r["workload"] == wl and "ops_per_s" in r["result"]]
         if not runs:
             continue
@@ -236,6 +248,35 @@ for line in text.splitlines():
 print(f"metrics port {sys.argv[1]}: served {count['served']}, fallback {count['fallback']}")
 EOF
   done
+}
+
+# idle: the same workloads on a cluster with $IDLE idle tenants ("wraft") and on one without
+# ("wraft-bare"), alternately; both run all the time, so both share the machine equally.
+idle() {
+  fresh_dir
+  start_wraft "$DIR" "${W_PORTS[@]}"
+  start_wraft "$DIR/bare" "${B_PORTS[@]}"
+  wait_wraft_leader "$W_E" >/dev/null
+  wait_wraft_leader "$B_E" >/dev/null
+  echo "== deploying kv as tenant bench on both clusters, and $IDLE idle tenants on the first"
+  "$wraft" deploy --endpoints "$W_E" --tenant bench "$kv" >/dev/null
+  "$wraft" deploy --endpoints "$B_E" --tenant bench "$kv" >/dev/null
+  for i in $(seq 1 "$IDLE"); do "$wraft" deploy --endpoints "$W_E" --tenant "idle$i" "$kv" >/dev/null; done
+  for e in "$W_E" "$B_E"; do
+    "$wraft" bench --endpoints "$e" --ops 20000 --clients 64 --keys 1000 --value-size 256 --json >/dev/null
+  done
+  : >"$DIR/compare.jsonl"
+  echo "== $ROUNDS rounds of ${DURATION}s runs (load average at start: $(cat /proc/loadavg))"
+  local workloads=(put-c1 put-c256 get-linearizable-c256 get-lease-c256 get-stale-c256)
+  for round in $(seq 1 "$ROUNDS"); do
+    for wl in "${workloads[@]}"; do
+      local systems=(wraft-bare wraft)
+      [ $((round % 2)) -eq 0 ] && systems=(wraft wraft-bare)
+      for system in "${systems[@]}"; do run_one "$system" "$wl" "$round"; done
+    done
+  done
+  echo "== medians of $ROUNDS alternating runs; wraft: $IDLE idle tenants, wraft-bare: none (raw: $DIR/compare.jsonl)"
+  summarize
 }
 
 # now_ms: wall clock in milliseconds.
@@ -354,7 +395,8 @@ catchup() {
 build
 case "$mode" in
   compare) compare ;;
+  idle) idle ;;
   deploy) deploy ;;
   catchup) catchup ;;
-  *) echo "usage: $0 [compare|deploy|catchup]" >&2; exit 2 ;;
+  *) echo "usage: $0 [compare|idle|deploy|catchup]" >&2; exit 2 ;;
 esac

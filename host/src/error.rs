@@ -74,6 +74,10 @@ pub enum Error {
         "the node stopped before the command was known to be applied; it may still be applied"
     )]
     Interrupted,
+    #[error(
+        "the leader changed before the command was known to be applied; it may still be applied"
+    )]
+    LeaderChanged,
     #[error("forwarding to leader {leader} at {addr} failed: {message}")]
     Forward {
         leader: u64,
@@ -89,7 +93,9 @@ impl Error {
     /// Whether the failed request may have been applied.
     pub fn outcome(&self) -> Outcome {
         match self {
-            Error::Timeout(_) | Error::Interrupted | Error::Internal(_) => Outcome::Indeterminate,
+            Error::Timeout(_) | Error::Interrupted | Error::LeaderChanged | Error::Internal(_) => {
+                Outcome::Indeterminate
+            }
             Error::Forward { outcome, .. } => *outcome,
             _ => Outcome::Definite,
         }
@@ -101,7 +107,7 @@ impl Error {
             Error::InvalidArgument(_) | Error::TooLarge { .. } => Code::InvalidArgument,
             Error::UnknownTenant(_) => Code::NotFound,
             Error::NoLeader(_) | Error::NotLeader { .. } | Error::Dropped(_) => Code::Unavailable,
-            Error::ShuttingDown | Error::Interrupted => Code::Unavailable,
+            Error::ShuttingDown | Error::Interrupted | Error::LeaderChanged => Code::Unavailable,
             Error::Superseded { .. } => Code::Aborted,
             Error::Busy(_) => Code::ResourceExhausted,
             Error::Timeout(_) | Error::ReadTimeout(_) => Code::DeadlineExceeded,

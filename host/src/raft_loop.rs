@@ -22,7 +22,7 @@ use tokio::sync::{oneshot, watch};
 use wraft_proto::log::{LogEntry, Op};
 use wraft_proto::ENVELOPE_VERSION;
 
-use crate::apply::{ApplyInput, Waiter};
+use crate::apply::{ApplyInput, ForwardedWaiter, Waiter};
 use crate::envelope::{self, ProposalIds};
 use crate::limits::MAX_ENTRY_BYTES;
 use crate::metrics::METRICS;
@@ -322,6 +322,8 @@ struct PendingRead {
     first_issued: Instant,
     /// The term it was issued in.
     term: u64,
+    /// Issued as leader (a round of our own), not as a follower asking its leader.
+    as_leader: bool,
     replies: Vec<oneshot::Sender<Result<u64, Error>>>,
 }
 
@@ -362,7 +364,9 @@ impl RaftLoop {
             ids,
             last_stamp_ms: 0,
             reads: HashMap::new(),
-            next_read_ctx: 1,
+            // Read contexts must differ across nodes: a leader keys the rounds it runs for its
+            // followers by context, and drops a read whose context it already holds.
+            next_read_ctx: rand::random::<u64>() >> 1,
             stopping: None,
             membership_changed: true,
             applied,
@@ -589,9 +593,59 @@ impl RaftLoop {
             );
             return;
         }
+        let mut msg = msg;
+        if msg.get_msg_type() == raft::eraftpb::MessageType::MsgPropose {
+            if self.apply_backlog() > MAX_APPLY_BACKLOG {
+                // As for this node's own clients: a lagging apply stage takes no more work.
+                METRICS.proposals_dropped.inc();
+                return;
+            }
+            if let Err(why) = self.restamp_forwarded(&mut msg) {
+                tracing::warn!(from = msg.from, %why, "dropping a forwarded proposal");
+                return;
+            }
+        }
         if let Err(err) = self.raw.step(msg) {
             tracing::debug!(%err, "raft rejected a peer message");
         }
+    }
+
+    /// Committed entries handed to the apply stage and not yet applied.
+    fn apply_backlog(&self) -> u64 {
+        self.handed
+            .saturating_sub(self.applied.load(Ordering::Acquire))
+    }
+
+    /// A follower's proposal, on its way into the leader's log: it may carry commands only
+    /// (deploys and the rest reach the leader as requests, which the leader validates), each
+    /// with a proposal id, and it gets this node's timestamp, so that the clock a guest sees is
+    /// the leader's, as for the leader's own entries.
+    fn restamp_forwarded(&mut self, msg: &mut Message) -> Result<(), String> {
+        let stamp = self.stamp();
+        for entry in msg.mut_entries().iter_mut() {
+            let mut decoded = envelope::decode(&entry.data).map_err(|e| e.to_string())?;
+            if let Some(op) = decoded.ops.iter().find(|op| {
+                op.id.is_none() || !matches!(op.kind, Some(wraft_proto::log::op::Kind::Command(_)))
+            }) {
+                return Err(format!(
+                    "op for tenant `{}` is not a command with a proposal id",
+                    op.tenant
+                ));
+            }
+            decoded.timestamp_ms = stamp;
+            entry.data = envelope::encode(&decoded).into();
+        }
+        Ok(())
+    }
+
+    /// The wall clock for a new entry: read here, once, and carried in the log (the only clock
+    /// a guest ever sees); never behind an earlier stamp of this node.
+    fn stamp(&mut self) -> u64 {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.last_stamp_ms = self.last_stamp_ms.max(now_ms);
+        self.last_stamp_ms
     }
 
     /// Packs the drained proposals into as few entries as the size budget allows and proposes
@@ -607,20 +661,21 @@ impl RaftLoop {
             }
             return;
         }
-        let backlog = self
-            .handed
-            .saturating_sub(self.applied.load(Ordering::Acquire));
-        if backlog > MAX_APPLY_BACKLOG {
+        if self.apply_backlog() > MAX_APPLY_BACKLOG {
             METRICS.proposals_dropped.inc_by(proposals.len() as u64);
             for p in proposals {
                 let _ = p.reply.send(Err(Error::Busy("the apply stage is behind")));
             }
             return;
         }
-        if self.raw.raft.state != StateRole::Leader {
-            let leader = self.raw.raft.leader_id;
+        // A follower proposes too: raft-rs sends the entry to the leader on the peer stream
+        // (batched with everything else), and this node answers its client from its own apply
+        // of the entry, which is the leader's result (apply is deterministic). No leader: fail.
+        if self.raw.raft.state != StateRole::Leader && self.raw.raft.leader_id == raft::INVALID_ID {
             for p in proposals {
-                let _ = p.reply.send(Err(Error::NotLeader { leader }));
+                let _ = p.reply.send(Err(Error::NotLeader {
+                    leader: raft::INVALID_ID,
+                }));
             }
             return;
         }
@@ -641,19 +696,36 @@ impl RaftLoop {
 
     fn propose_entry(&mut self, batch: Vec<Proposal>) {
         let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|p| (p.op, p.reply)).unzip();
-        // The only wall clock a guest ever sees: read here, once, and carried in the log.
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        self.last_stamp_ms = self.last_stamp_ms.max(now_ms);
         let entry = LogEntry {
             version: ENVELOPE_VERSION,
-            timestamp_ms: self.last_stamp_ms,
+            timestamp_ms: self.stamp(),
             ops,
         };
         let data = envelope::encode(&entry);
         let ops = replies.len() as u64;
         match self.raw.propose(Vec::new(), data) {
+            Ok(()) if self.raw.raft.state != StateRole::Leader => {
+                // Sent to the leader; its index is the leader's to choose.
+                METRICS.proposals.inc_by(ops);
+                METRICS
+                    .forwarded
+                    .with_label_values(&["propose"])
+                    .inc_by(ops);
+                let term = self.raw.raft.term;
+                let waiters = entry
+                    .ops
+                    .into_iter()
+                    .zip(replies)
+                    .filter_map(|(op, reply)| {
+                        Some(ForwardedWaiter {
+                            id: op.id?,
+                            term,
+                            reply,
+                        })
+                    })
+                    .collect();
+                let _ = self.apply.send(ApplyInput::TrackForwarded(waiters));
+            }
             Ok(()) => {
                 METRICS.proposals.inc_by(ops);
                 METRICS.entries_proposed.inc();
@@ -689,10 +761,13 @@ impl RaftLoop {
         if replies.is_empty() {
             return;
         }
-        if self.raw.raft.state != StateRole::Leader {
-            let leader = self.raw.raft.leader_id;
+        // A follower asks its leader (raft-rs sends MsgReadIndex) and serves the read itself
+        // once it has applied up to the index the leader confirmed.
+        if self.raw.raft.state != StateRole::Leader && self.raw.raft.leader_id == raft::INVALID_ID {
             for r in replies {
-                let _ = r.send(Err(Error::NotLeader { leader }));
+                let _ = r.send(Err(Error::NotLeader {
+                    leader: raft::INVALID_ID,
+                }));
             }
             return;
         }
@@ -712,6 +787,7 @@ impl RaftLoop {
                 issued: now,
                 first_issued: now,
                 term: self.raw.raft.term,
+                as_leader: self.raw.raft.state == StateRole::Leader,
                 replies,
             },
         );
@@ -783,6 +859,7 @@ impl RaftLoop {
     /// the callers' own deadlines bound how long they wait.
     fn retry_reads(&mut self) {
         let now = Instant::now();
+        let as_leader = self.raw.raft.state == StateRole::Leader;
         let stale: Vec<u64> = self
             .reads
             .iter()
@@ -797,6 +874,7 @@ impl RaftLoop {
                     continue;
                 }
                 read.issued = now;
+                read.as_leader = as_leader;
                 self.raw.read_index(ctx.to_be_bytes().to_vec());
             }
         }
@@ -809,6 +887,9 @@ impl RaftLoop {
             return Ok(());
         }
         let mut ready = self.raw.ready();
+        // Before any message leaves: a follower that learns the commit index from this Ready
+        // may answer its client at once, and a lease read here must see that write.
+        self.lease.publish_commit(self.raw.raft.raft_log.committed);
 
         // 1. Send messages. These are the ones raft-rs allows before persisting (a leader's
         //    appends and heartbeats): the leader writes its log in parallel with its followers,
@@ -874,6 +955,7 @@ impl RaftLoop {
         if !light.messages().is_empty() {
             // A conf change applied above may have started a leadership transfer.
             self.check_lease();
+            self.lease.publish_commit(self.raw.raft.raft_log.committed);
             let messages = light.take_messages();
             self.note_snapshots_sent(&messages);
             self.transport.send(messages);
@@ -1338,11 +1420,21 @@ impl RaftLoop {
             learners.sort_unstable();
             (voters, learners)
         });
-        if role != Role::Leader && !self.reads.is_empty() {
-            // A read confirmed by a former leader could be stale: fail them, the caller retries.
-            for (_, read) in self.reads.drain() {
-                for reply in read.replies {
-                    let _ = reply.send(Err(Error::NotLeader { leader }));
+        if role != Role::Leader && self.reads.values().any(|r| r.as_leader) {
+            // A round this node started as leader and can no longer finish as one could be
+            // confirmed stale: fail it, the caller retries. (A follower's own rounds are the
+            // leader's to confirm, and stay.)
+            let lost: Vec<u64> = self
+                .reads
+                .iter()
+                .filter(|(_, r)| r.as_leader)
+                .map(|(ctx, _)| *ctx)
+                .collect();
+            for ctx in lost {
+                if let Some(read) = self.reads.remove(&ctx) {
+                    for reply in read.replies {
+                        let _ = reply.send(Err(Error::NotLeader { leader }));
+                    }
                 }
             }
         }

@@ -2,8 +2,12 @@
 //!
 //! Every request's token is checked first (when the node runs with auth, see [`crate::auth`]),
 //! then the request itself (tenant name, sizes), before anything is forwarded or proposed.
-//! Writes and linearizable reads run on the leader: a follower forwards them over gRPC (with
-//! the caller's token, which the leader checks again), so the leader builds every log entry. Every path answers within a bounded time: no leader within
+//! A follower serves commands and linearizable reads itself, through raft: it proposes a
+//! command (raft-rs sends it to the leader on the peer stream, where the leader restamps it)
+//! and answers with its own apply's output; for a read it asks the leader for a ReadIndex and
+//! runs the query once it has applied that far. Deploys, deletes, limits and leadership
+//! transfers, and commands for a tenant the follower does not know yet, are forwarded over
+//! gRPC (with the caller's token, which the leader checks again). Every path answers within a bounded time: no leader within
 //! [`LEADER_WAIT`] is a definite `UNAVAILABLE`; a proposal not applied within the request
 //! timeout is an indeterminate `DEADLINE_EXCEEDED`.
 
@@ -572,16 +576,21 @@ impl ClientService {
         check_size("the command", req.command.len(), MAX_COMMAND_BYTES)?;
         check_size("the client id", req.client_id.len(), MAX_CLIENT_ID)?;
         match self.route(forwarded).await? {
+            // A tenant this follower knows: it proposes the command itself (raft-rs carries it
+            // to the leader on the peer stream) and answers from its own apply. One it does not
+            // know (yet: a deploy it has not applied) goes to the leader, which knows.
+            Route::Forward(..) if self.tenant_exists(&req.tenant) => {}
             Route::Forward(leader, mut client) => {
                 return client
                     .exec(self.forward_request("exec", req, &rid))
                     .await
                     .map_err(|s| self.forward_failed(leader, s, true));
             }
-            Route::Local => {}
-        }
-        if !self.tenant_exists(&req.tenant) {
-            return Err(Error::UnknownTenant(req.tenant).into());
+            Route::Local => {
+                if !self.tenant_exists(&req.tenant) {
+                    return Err(Error::UnknownTenant(req.tenant).into());
+                }
+            }
         }
         let tenant = req.tenant.clone();
         let applied = self
@@ -616,7 +625,6 @@ impl ClientService {
         request: Request<QueryRequest>,
     ) -> Result<Response<QueryResponse>, Status> {
         let forwarded = is_forwarded(&request);
-        let rid = request_id_of(&request);
         let req = request.into_inner();
         check_tenant_name(&req.tenant)?;
         check_size("the query", req.query.len(), MAX_QUERY_BYTES)?;
@@ -626,11 +634,16 @@ impl ClientService {
             Ok(Consistency::Linearizable) if self.ctx.stale_reads_as_linearizable => 0,
             Ok(level @ (Consistency::Linearizable | Consistency::Lease)) => {
                 match self.route(forwarded).await? {
-                    Route::Forward(leader, mut client) => {
-                        return client
-                            .query(self.forward_request("query", req, &rid))
-                            .await
-                            .map_err(|s| self.forward_failed(leader, s, false));
+                    // A follower reads itself: the leader confirms its leadership and names
+                    // its commit index (raft-rs's MsgReadIndex), this node waits until it has
+                    // applied that far. The lease is the leader's, so a follower's lease read
+                    // is a ReadIndex read (never weaker).
+                    Route::Forward(..) => {
+                        crate::metrics::METRICS
+                            .forwarded
+                            .with_label_values(&["read_index"])
+                            .inc();
+                        self.read_index(deadline).await?
                     }
                     Route::Local if level == Consistency::Lease => {
                         self.lease_read_index(deadline).await?

@@ -548,8 +548,38 @@ pub fn validate(msg: &Message, batch_from: u64, self_id: u64) -> Result<(), Stri
         | MsgHeartbeatResponse
         | MsgTimeoutNow => {}
         MsgSnapshot => validate_snapshot(msg)?,
+        // A follower's proposal or read, which raft-rs forwards to the leader. raft-rs sends
+        // both without a term (it treats them as local input) and panics on an empty one.
+        MsgPropose | MsgReadIndex => {
+            if msg.term != 0 {
+                return Err(format!("{:?} must not carry a term", msg.get_msg_type()));
+            }
+            if msg.get_msg_type() == MsgReadIndex && msg.get_entries().len() != 1 {
+                return Err("MsgReadIndex must carry exactly one entry (its context)".into());
+            }
+            if msg.get_entries().is_empty() {
+                return Err("MsgPropose must carry entries".into());
+            }
+            for entry in msg.get_entries() {
+                if entry.get_entry_type() != raft::eraftpb::EntryType::EntryNormal
+                    || entry.data.is_empty()
+                {
+                    return Err(format!(
+                        "{:?} may carry only non-empty normal entries",
+                        msg.get_msg_type()
+                    ));
+                }
+            }
+            return Ok(());
+        }
+        // The leader's answer to a follower's MsgReadIndex: the context comes back.
+        MsgReadIndexResp => {
+            if msg.get_entries().len() != 1 {
+                return Err("MsgReadIndexResp must carry exactly one entry".into());
+            }
+        }
         // Local messages (MsgHup, MsgBeat, MsgUnreachable, MsgSnapStatus, MsgCheckQuorum) never
-        // cross the network. Proposals and reads reach the leader over wraft's own forwarding.
+        // cross the network.
         other => return Err(format!("message type {other:?} is not accepted from peers")),
     }
     if msg.term == 0 {
@@ -570,7 +600,7 @@ pub fn validate(msg: &Message, batch_from: u64, self_id: u64) -> Result<(), Stri
                 ));
             }
         }
-    } else if !msg.get_entries().is_empty() {
+    } else if !msg.get_entries().is_empty() && msg.get_msg_type() != MsgReadIndexResp {
         return Err(format!("{:?} must not carry entries", msg.get_msg_type()));
     }
     Ok(())
@@ -621,7 +651,7 @@ fn validate_snapshot(msg: &Message) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use raft::eraftpb::Entry;
+    use raft::eraftpb::{Entry, EntryType};
 
     fn msg(t: MessageType) -> Message {
         let mut m = Message::default();
@@ -684,5 +714,47 @@ mod tests {
         };
         app.set_entries(vec![e].into());
         assert!(validate(&app, 2, 1).is_err(), "gap in appended entries");
+    }
+
+    /// A follower's proposal and read, as raft-rs forwards them: no term, non-empty entries.
+    #[test]
+    fn forwarded_proposals_and_reads_are_checked() {
+        let entry = |data: &[u8], kind: EntryType| {
+            let mut e = Entry {
+                data: data.to_vec().into(),
+                ..Default::default()
+            };
+            e.set_entry_type(kind);
+            e
+        };
+        let mut prop = msg(MessageType::MsgPropose);
+        prop.term = 0;
+        prop.set_entries(vec![entry(b"ops", EntryType::EntryNormal)].into());
+        assert!(validate(&prop, 2, 1).is_ok());
+        let mut termed = prop.clone();
+        termed.term = 3;
+        assert!(validate(&termed, 2, 1).is_err(), "a proposal with a term");
+        let mut conf = prop.clone();
+        conf.set_entries(vec![entry(b"cc", EntryType::EntryConfChangeV2)].into());
+        assert!(validate(&conf, 2, 1).is_err(), "a forwarded conf change");
+        let mut blank = prop.clone();
+        blank.set_entries(vec![entry(b"", EntryType::EntryNormal)].into());
+        assert!(validate(&blank, 2, 1).is_err(), "an empty entry");
+
+        let mut read = msg(MessageType::MsgReadIndex);
+        read.term = 0;
+        read.set_entries(vec![entry(b"ctx", EntryType::EntryNormal)].into());
+        assert!(validate(&read, 2, 1).is_ok());
+        let mut two = read.clone();
+        two.set_entries(vec![entry(b"a", EntryType::EntryNormal); 2].into());
+        assert!(validate(&two, 2, 1).is_err(), "two read contexts");
+
+        let mut resp = msg(MessageType::MsgReadIndexResp);
+        assert!(
+            validate(&resp, 2, 1).is_err(),
+            "a read answer without its context"
+        );
+        resp.set_entries(vec![entry(b"ctx", EntryType::EntryNormal)].into());
+        assert!(validate(&resp, 2, 1).is_ok());
     }
 }

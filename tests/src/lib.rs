@@ -78,3 +78,24 @@ pub async fn scrape_metrics(port: u16) -> Result<String, String> {
     }
     Ok(body.to_string())
 }
+
+/// One sample of a node's metrics, e.g. `wraft_lease_reads_total{result="served"}`, as an
+/// integer: 0 if the series is not exported yet. Panics if the node has no metrics port or
+/// does not answer.
+pub async fn metric(cluster: &Cluster, id: NodeId, series: &str) -> u64 {
+    let port = cluster
+        .metrics_port(id)
+        .unwrap_or_else(|| panic!("node {id} has no metrics port"));
+    let text = scrape_metrics(port)
+        .await
+        .unwrap_or_else(|e| panic!("scraping node {id}'s metrics: {e}"));
+    let prefix = format!("{series} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .map(|v| {
+            v.trim()
+                .parse::<f64>()
+                .unwrap_or_else(|e| panic!("{series} {v}: {e}")) as u64
+        })
+        .unwrap_or(0)
+}

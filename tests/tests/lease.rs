@@ -63,21 +63,8 @@ fn seq_of(value: &str) -> u64 {
 
 /// `wraft_lease_reads_total{result="..."}` on a node (0 if not yet exported).
 async fn lease_reads(cluster: &Cluster, id: NodeId, result: &str) -> u64 {
-    let port = cluster
-        .metrics_port(id)
-        .unwrap_or_else(|| panic!("node {id} has no metrics port"));
-    let text = wraft_tests::scrape_metrics(port)
-        .await
-        .unwrap_or_else(|e| panic!("scraping node {id}'s metrics: {e}"));
-    let series = format!("wraft_lease_reads_total{{result=\"{result}\"}} ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(series.as_str()))
-        .map(|v| {
-            v.trim()
-                .parse::<f64>()
-                .unwrap_or_else(|e| panic!("{series}{v}: {e}")) as u64
-        })
-        .unwrap_or(0)
+    let series = format!("wraft_lease_reads_total{{result=\"{result}\"}}");
+    wraft_tests::metric(cluster, id, &series).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -93,6 +93,89 @@ async fn elects_one_leader_and_deploys_through_a_follower() {
     }
 }
 
+/// `wraft_requests_forwarded_total{method="..."}` on a node (0 if not yet exported).
+async fn forwarded(cluster: &Cluster, id: u64, method: &str) -> u64 {
+    let series = format!("wraft_requests_forwarded_total{{method=\"{method}\"}}");
+    wraft_tests::metric(cluster, id, &series).await
+}
+
+/// A follower serves a known tenant's commands and linearizable reads through raft (the
+/// command travels to the leader as a raft proposal, the read as a ReadIndex), not by
+/// forwarding the request over gRPC; its client gets the module's own output, at the index
+/// every replica applied it at, and read-your-writes holds across nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn followers_serve_commands_and_reads_through_raft() {
+    let options = wraft_tests::cluster::ClusterOptions {
+        metrics: true,
+        ..Default::default()
+    };
+    let cluster = Cluster::start_with(3, options).await;
+    let leader = cluster.leader().await;
+    let deployed = cluster.deploy(leader, "kv", "kv").await;
+    let followers: Vec<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|&id| id != leader)
+        .collect();
+    for &id in &followers {
+        cluster.wait_applied(id, deployed.index).await;
+    }
+    let mut last_index = deployed.index;
+    for i in 0..20u64 {
+        let via = followers[(i % 2) as usize];
+        let reader = followers[((i + 1) % 2) as usize];
+        let value = format!("v{i}");
+        let (index, out) = cluster
+            .exec_ok(via, "kv", &json!({"op": "put", "key": "k", "value": value}))
+            .await;
+        let prev = if i == 0 {
+            json!(null)
+        } else {
+            json!(format!("v{}", i - 1))
+        };
+        assert_eq!(out, json!({"prev": prev}), "put {i} through follower {via}");
+        assert!(
+            index > last_index,
+            "put {i} at index {index}, not after {last_index}"
+        );
+        last_index = index;
+        // Read through the other follower: it must see the write its peer acknowledged.
+        let got = cluster
+            .query(
+                reader,
+                "kv",
+                &json!({"op": "get", "key": "k"}),
+                Consistency::Linearizable,
+            )
+            .await
+            .expect_json(&format!("linearizable get through follower {reader}"));
+        assert_eq!(
+            got,
+            json!({"value": value}),
+            "read after put {i}, through node {reader}"
+        );
+    }
+    for &id in &followers {
+        assert!(
+            forwarded(&cluster, id, "propose").await >= 10,
+            "follower {id} proposed no commands through raft"
+        );
+        assert!(
+            forwarded(&cluster, id, "read_index").await >= 10,
+            "follower {id} asked the leader for no ReadIndex"
+        );
+        assert_eq!(
+            forwarded(&cluster, id, "exec").await,
+            0,
+            "follower {id} forwarded a command over gRPC for a tenant it knows"
+        );
+    }
+    // Every replica applied the same puts at the same indexes.
+    cluster
+        .wait_digests_agree(&cluster.ids(), "kv", last_index)
+        .await;
+}
+
 const PUTS: usize = 1000;
 const PUT_TASKS: usize = 16;
 /// How often a put may be retried after an error, e.g. during an election that CPU starvation

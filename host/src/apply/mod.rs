@@ -11,6 +11,10 @@
 //! Invariant: a waiter is answered exactly once: with its op's outcome when the entry at its
 //! index carries its proposal id, with a definite `Superseded` error when another entry took
 //! the index, or with an indeterminate error when the node stops first.
+//! Invariant: a forwarded waiter (a follower's op, whose index only the leader knew) is answered
+//! exactly once: with its op's outcome when an applied entry carries its proposal id, or with an
+//! indeterminate error once an entry of a later term applies without it (or the node stops, or a
+//! snapshot replaces the state).
 
 mod tenant;
 #[cfg(test)]
@@ -50,6 +54,9 @@ pub enum ApplyInput {
     Committed(Vec<Entry>),
     /// Proposals whose entries are in the log but not yet applied.
     Track(Vec<Waiter>),
+    /// Proposals this follower sent to the leader (raft-rs forwards them): their index is not
+    /// known here, so they are found by proposal id.
+    TrackForwarded(Vec<ForwardedWaiter>),
     /// A query to run once the applied index reaches `min_index`.
     Query(QueryTask),
     /// A hash of a tenant's state.
@@ -74,6 +81,23 @@ pub struct Waiter {
     pub position: u32,
     pub id: ProposalId,
     pub reply: oneshot::Sender<Result<Applied, Error>>,
+}
+
+/// A client waiting for an op this node proposed as a follower.
+pub struct ForwardedWaiter {
+    pub id: ProposalId,
+    /// This node's term when it sent the op: an entry of a later term applied without the op
+    /// means the op was lost with a leader (or will land later, rarely): the answer is then
+    /// indeterminate, at once rather than at the request's timeout.
+    pub term: u64,
+    pub reply: oneshot::Sender<Result<Applied, Error>>,
+}
+
+/// A proposal id as a map key.
+type IdKey = (u64, u64, u64);
+
+fn id_key(id: &ProposalId) -> IdKey {
+    (id.node, id.boot, id.seq)
 }
 
 pub struct QueryTask {
@@ -141,6 +165,9 @@ pub struct ApplyStage {
     modules: ModuleCache,
     tenants: BTreeMap<String, Tenant>,
     waiters: BTreeMap<u64, Vec<Waiter>>,
+    forwarded: HashMap<IdKey, ForwardedWaiter>,
+    /// The lowest term among `forwarded` (0: none): entries of a later term trigger a sweep.
+    forwarded_min_term: u64,
     parked: BTreeMap<u64, Vec<QueryTask>>,
     applied: u64,
     /// The position of the last op applied; checkpoints at shutdown are taken there.
@@ -188,6 +215,8 @@ impl ApplyStage {
             modules,
             tenants,
             waiters: BTreeMap::new(),
+            forwarded: HashMap::new(),
+            forwarded_min_term: 0,
             parked: BTreeMap::new(),
             applied: raft_applied,
             last_pos: (raft_applied, 0),
@@ -267,6 +296,15 @@ impl ApplyStage {
                         ws.retain(|w| !w.reply.is_closed());
                         !ws.is_empty()
                     });
+                    self.forwarded.retain(|_, w| !w.reply.is_closed());
+                }
+                ApplyInput::TrackForwarded(waiters) => {
+                    for w in waiters {
+                        if self.forwarded.is_empty() || w.term < self.forwarded_min_term {
+                            self.forwarded_min_term = w.term;
+                        }
+                        self.forwarded.insert(id_key(&w.id), w);
+                    }
                 }
                 ApplyInput::Track(waiters) => {
                     for w in waiters {
@@ -389,6 +427,8 @@ impl ApplyStage {
                 }
             }
         }
+        // A forwarded op may be inside the snapshot: whether it applied cannot be told.
+        self.fail_forwarded(|_| true, || Error::Interrupted);
         self.touched.extend(changed);
         self.publish();
         tracing::info!(
@@ -442,6 +482,7 @@ impl ApplyStage {
                     let _ = w.reply.send(Err(Error::Internal(why.clone())));
                 }
             }
+            self.fail_forwarded(|_| true, || Error::Internal(why.clone()));
             self.halted = Some(why);
             return;
         }
@@ -493,6 +534,62 @@ impl ApplyStage {
                 let _ = w.reply.send(answer);
             }
         }
+        if !self.forwarded.is_empty() {
+            self.answer_forwarded(index, entry.term, &ops, &outcomes);
+        }
+    }
+
+    /// Answers the forwarded waiters whose ops this entry carries; once an entry of a later
+    /// term than a waiter's applies, its op was lost with its leader, or (rarely: forwarded on
+    /// by a deposed leader) lands later: either way the client hears "indeterminate" now.
+    fn answer_forwarded(
+        &mut self,
+        index: u64,
+        term: u64,
+        ops: &[Op],
+        outcomes: &[Option<OpOutcome>],
+    ) {
+        for (op, outcome) in ops.iter().zip(outcomes) {
+            let Some(w) = op
+                .id
+                .as_ref()
+                .and_then(|id| self.forwarded.remove(&id_key(id)))
+            else {
+                continue;
+            };
+            let answer = match outcome {
+                Some(outcome) => Ok(Applied {
+                    index,
+                    outcome: outcome.clone(),
+                }),
+                // Covered by a checkpoint: cannot happen for an op proposed by this process.
+                None => Err(Error::Interrupted),
+            };
+            let _ = w.reply.send(answer);
+        }
+        if term > self.forwarded_min_term {
+            self.fail_forwarded(|w| w.term < term, || Error::LeaderChanged);
+        }
+    }
+
+    /// Answers (with `error`) and forgets the forwarded waiters `lost` picks.
+    fn fail_forwarded(
+        &mut self,
+        lost: impl Fn(&ForwardedWaiter) -> bool,
+        error: impl Fn() -> Error,
+    ) {
+        let ids: Vec<IdKey> = self
+            .forwarded
+            .iter()
+            .filter(|(_, w)| lost(w))
+            .map(|(k, _)| *k)
+            .collect();
+        for id in ids {
+            if let Some(w) = self.forwarded.remove(&id) {
+                let _ = w.reply.send(Err(error()));
+            }
+        }
+        self.forwarded_min_term = self.forwarded.values().map(|w| w.term).min().unwrap_or(0);
     }
 
     /// Applies one op. `None` when the tenant's checkpoint already covers it (a replay after
@@ -771,6 +868,7 @@ impl ApplyStage {
                 let _ = w.reply.send(Err(Error::Interrupted));
             }
         }
+        self.fail_forwarded(|_| true, || Error::Interrupted);
         for (_, tasks) in std::mem::take(&mut self.parked) {
             for t in tasks {
                 let _ = t.reply.send(Err(Error::ShuttingDown));
