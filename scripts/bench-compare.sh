@@ -6,6 +6,9 @@
 #                                        one; ROUNDS rounds, each running every workload on
 #                                        etcd and on wraft alternately (the order flips every
 #                                        round); prints medians; raw JSON lines in $DIR/compare.jsonl
+#   scripts/bench-compare.sh scan        wraft alone (no idle tenants): writes with 1, 16, 64 and
+#                                        256 clients, reads with 256 clients at each consistency;
+#                                        ROUNDS interleaved rounds
 #   scripts/bench-compare.sh idle        two wraft clusters side by side, one with $IDLE idle kv
 #                                        tenants beside the measured one, one without; ROUNDS
 #                                        rounds alternating them (issue 6: no figure may get
@@ -145,6 +148,8 @@ run_one() {
     etcd/get-linearizable-c256) cmd=("$etcd_bench" --endpoints "$E_E" --clients 256 --read-ratio 1 --consistency linearizable) ;;
     etcd/get-serializable-c256) cmd=("$etcd_bench" --endpoints "$E_E" --clients 256 --read-ratio 1 --consistency serializable) ;;
     wraft/put-c1) cmd=("$wraft" bench --endpoints "$W_E" --clients 1) ;;
+    wraft/put-c16) cmd=("$wraft" bench --endpoints "$W_E" --clients 16) ;;
+    wraft/put-c64) cmd=("$wraft" bench --endpoints "$W_E" --clients 64) ;;
     wraft/put-c256) cmd=("$wraft" bench --endpoints "$W_E" --clients 256) ;;
     wraft/get-linearizable-c256) cmd=("$wraft" bench --endpoints "$W_E" --clients 256 --read-ratio 1 --consistency linearizable) ;;
     wraft/get-lease-c256) cmd=("$wraft" bench --endpoints "$W_E" --clients 256 --read-ratio 1 --consistency lease) ;;
@@ -185,7 +190,7 @@ summarize() {
   python3 - "$DIR/compare.jsonl" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-order = ["put-c1", "put-c256", "get-linearizable-c256", "get-serializable-c256", "get-lease-c256", "get-stale-c256"]
+order = ["put-c1", "put-c16", "put-c64", "put-c256", "get-linearizable-c256", "get-serializable-c256", "get-lease-c256", "get-stale-c256"]
 print("| system | workload | ops/s median | ops/s (rounds) | p50 ms | p99 ms | errors | fsync median µs (rounds) | load (rounds) |")
 print("| --- | --- | ---: | --- | ---: | ---: | ---: | --- | --- |")
 for wl in order:
@@ -248,6 +253,23 @@ for line in text.splitlines():
 print(f"metrics port {sys.argv[1]}: served {count['served']}, fallback {count['fallback']}")
 EOF
   done
+}
+
+# scan: every client count on one cluster without idle tenants.
+scan() {
+  fresh_dir
+  start_wraft "$DIR" "${W_PORTS[@]}"
+  wait_wraft_leader "$W_E" >/dev/null
+  "$wraft" deploy --endpoints "$W_E" --tenant bench "$kv" >/dev/null
+  "$wraft" bench --endpoints "$W_E" --ops 20000 --clients 64 --keys 1000 --value-size 256 --json >/dev/null
+  : >"$DIR/compare.jsonl"
+  echo "== $ROUNDS rounds of ${DURATION}s runs (load average at start: $(cat /proc/loadavg))"
+  local workloads=(put-c1 put-c16 put-c64 put-c256 get-linearizable-c256 get-lease-c256 get-stale-c256)
+  for round in $(seq 1 "$ROUNDS"); do
+    for wl in "${workloads[@]}"; do run_one wraft "$wl" "$round"; done
+  done
+  echo "== medians of $ROUNDS rounds (raw: $DIR/compare.jsonl)"
+  summarize
 }
 
 # idle: the same workloads on a cluster with $IDLE idle tenants ("wraft") and on one without
@@ -396,7 +418,8 @@ build
 case "$mode" in
   compare) compare ;;
   idle) idle ;;
+  scan) scan ;;
   deploy) deploy ;;
   catchup) catchup ;;
-  *) echo "usage: $0 [compare|idle|deploy|catchup]" >&2; exit 2 ;;
+  *) echo "usage: $0 [compare|scan|idle|deploy|catchup]" >&2; exit 2 ;;
 esac

@@ -264,7 +264,11 @@ pub async fn run(
         applied: ApplyStage::start_index(replay_from, raft_storage.snapshot_index())
             .min(hard_state.commit.max(raft_storage.snapshot_index())),
         max_size_per_msg: 1 << 20,
-        max_inflight_msgs: 256,
+        // Appends in flight per follower. A follower in step needs a few (one per Ready while
+        // the previous ones are acknowledged); a new node being caught up takes all it is
+        // allowed, and the Raft thread reads each from RocksDB: 256 of up to 1 MiB stalled the
+        // thread past an election timeout (BENCHMARKS.md, catch-up). 32 MiB per burst does not.
+        max_inflight_msgs: 32,
         check_quorum: true,
         pre_vote: true,
         ..Default::default()

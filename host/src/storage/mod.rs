@@ -118,6 +118,12 @@ const DB_WRITE_BUFFER_BYTES: usize = 64 << 20;
 /// written since; capping the WAL makes RocksDB flush such families so old WAL files are freed.
 const MAX_TOTAL_WAL_BYTES: u64 = 128 << 20;
 
+/// Memtables the `state` family may hold (one being written, the rest waiting for a flush).
+/// More than the other families: the apply stage writes tenant checkpoints of up to a tenant's
+/// whole memory in bursts, and RocksDB stops *every* write to the database, raft's log
+/// included, once a family has this many memtables waiting (see [`StateStore::make_room`]).
+const STATE_WRITE_BUFFERS: i32 = 4;
+
 fn db_options(cache: &Cache) -> Options {
     let mut block = BlockBasedOptions::default();
     block.set_block_cache(cache);
@@ -173,9 +179,13 @@ pub fn open(
 
     let cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES);
     let opts = db_options(&cache);
-    let cfs = [CF_META, CF_LOG, CF_STATE]
-        .into_iter()
-        .map(|name| ColumnFamilyDescriptor::new(name, db_options(&cache)));
+    let cfs = [CF_META, CF_LOG, CF_STATE].into_iter().map(|name| {
+        let mut opts = db_options(&cache);
+        if name == CF_STATE {
+            opts.set_max_write_buffer_number(STATE_WRITE_BUFFERS);
+        }
+        ColumnFamilyDescriptor::new(name, opts)
+    });
     let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|source| StorageError::Open {
         dir: dir.to_path_buf(),
         source,

@@ -14,7 +14,7 @@
 use std::sync::Arc;
 
 use raft::eraftpb::Entry;
-use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
+use rocksdb::{ColumnFamily, Direction, FlushOptions, IteratorMode, WriteBatch, DB};
 
 use super::keys::{self, CF_LOG, CF_META, CF_STATE, CHECKPOINT_PREFIX, META_STATE_GEN};
 use super::raft_log::read_entries;
@@ -99,6 +99,7 @@ impl StateStore {
         for (key, value) in records {
             batch.put_cf(state, keys::in_generation(generation, key), value);
         }
+        self.make_room(state)?;
         self.db.write(batch)?;
         Ok(())
     }
@@ -154,7 +155,28 @@ impl StateStore {
             batch.put_cf(state, self.key(&keys::module_key(hash_hex)), bytes);
         }
         batch.put_cf(state, self.key(&keys::checkpoint_key(tenant)), checkpoint);
+        self.make_room(state)?;
         self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Waits, before a write to `state`, until no memtable of the family waits for a flush.
+    /// RocksDB stops every write to the database (the Raft thread's synced log writes too)
+    /// once a family has too many memtables waiting; checkpoints come in bursts of up to a
+    /// tenant's whole memory and could get there faster than flushes drain them, and a stalled
+    /// Raft thread misses its heartbeats (the 1 GiB catch-up in BENCHMARKS.md saw elections
+    /// at each "Stopping writes" in RocksDB's log). Waiting here slows the apply stage, not
+    /// consensus. Cheap when there is room: one property read.
+    fn make_room(&self, state: &ColumnFamily) -> Result<(), StorageError> {
+        let waiting = self
+            .db
+            .property_int_value_cf(state, "rocksdb.num-immutable-mem-table")?
+            .unwrap_or(0);
+        if waiting > 0 {
+            let mut flush = FlushOptions::default();
+            flush.set_wait(true);
+            self.db.flush_cf_opt(state, &flush)?;
+        }
         Ok(())
     }
 

@@ -606,3 +606,42 @@ fn single_node_raw_node_over_raft_storage() {
     );
     assert!(node.store().hard_state().term > hs.term);
 }
+
+/// A burst of checkpoints larger than a memtable (a join checkpoints every tenant at once) must
+/// not pile up `state` memtables until RocksDB stops every write, the Raft thread's included:
+/// each checkpoint write first waits for a flush while a memtable is waiting.
+#[test]
+fn checkpoint_bursts_never_stop_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_raft, state) = open_at(dir.path());
+    // Larger than the 16 MiB write buffer (one memtable each), and incompressible, so that a
+    // flush takes real time.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let big: Vec<u8> = (0..20 << 20)
+        .map(|_| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (seed >> 56) as u8
+        })
+        .collect();
+    let state_cf = cf(&state.db, CF_STATE).unwrap();
+    for i in 0..5 {
+        state
+            .put_checkpoint(&format!("tenant{i}"), &big, None)
+            .unwrap();
+        let waiting = state
+            .db
+            .property_int_value_cf(state_cf, "rocksdb.num-immutable-mem-table")
+            .unwrap()
+            .unwrap_or(0);
+        assert!(
+            waiting <= 1 && waiting < STATE_WRITE_BUFFERS as u64,
+            "after checkpoint {i}: {waiting} state memtables wait for a flush"
+        );
+        let stopped = state
+            .db
+            .property_int_value("rocksdb.is-write-stopped")
+            .unwrap()
+            .unwrap_or(0);
+        assert_eq!(stopped, 0, "after checkpoint {i}: RocksDB stopped writes");
+    }
+}
