@@ -233,3 +233,30 @@ async fn cli_smoke() {
     out.expect_code(0, "CLI exec with a dead first endpoint (WRAFT_ENDPOINTS)");
     assert_eq!(out.json(), json!({"prev": "v1"}), "CLI exec output: {out}");
 }
+
+/// `wraft status | head -1`: a reader that stops reading ends the CLI quietly (141, as for a
+/// tool killed by SIGPIPE), never with a panic and a backtrace.
+#[test]
+fn a_closed_stdout_ends_the_cli_quietly() {
+    use std::process::{Command, Stdio};
+    // No node listens there: status still prints its header and a line for the endpoint.
+    let mut child = Command::new(wraft_tests::wraft_bin())
+        .args(["status", "--endpoints", "127.0.0.1:1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start wraft");
+    // Close the reading end before the CLI has printed anything (it connects first).
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait for wraft");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("panicked"),
+        "wraft panicked on a closed stdout: {stderr}"
+    );
+    assert_ne!(
+        out.status.code(),
+        Some(101),
+        "wraft ended as a panicking Rust program does: {stderr}"
+    );
+}

@@ -143,6 +143,7 @@ enum Command {
 /// Parses the command line and runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    exit_quietly_on_closed_stdout();
     let json_logs = matches!(&cli.command, Command::Serve(a) if a.log_json());
     crate::logging::init(json_logs);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -231,4 +232,24 @@ fn print_output(bytes: &[u8]) {
         Ok(text) => println!("{text}"),
         Err(_) => println!("{}", hex::encode(bytes)),
     }
+}
+
+/// `println!` panics when stdout is a pipe whose reader has gone (`wraft status | head -1`).
+/// Rust ignores SIGPIPE, and restoring its default would also kill the CLI when a node closes a
+/// socket (a plain-text call to a TLS node); so a closed stdout alone ends the process, quietly
+/// and with the status a shell reports for a tool its pipe cut short, as for any Unix tool.
+fn exit_quietly_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(128 + 13); // 128 + SIGPIPE
+        }
+        default(info);
+    }));
 }
