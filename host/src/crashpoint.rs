@@ -4,6 +4,8 @@
 //! of hoping a timed kill lands inside it.
 //!
 //! The points, in the order a node meets them:
+//! - `join-asking`: a node started with `--join` recorded its identity and is about to ask the
+//!   cluster to add it.
 //! - `compaction-checkpointed`: the apply stage checkpointed every tenant for a compaction,
 //!   before the Raft loop drops the log.
 //! - `compacted`: the Raft loop dropped the log up to the compaction point.

@@ -202,8 +202,29 @@ pub async fn run(
             .set_peers(&crate::members::to_proto(&book))
             .context("record the address book")?;
     }
-    if let Some(client) = &join_client {
-        if join_members.is_some() {
+    // The identity is recorded before the cluster is asked to add this node. If the answer
+    // never came (refused, or the process died first), a restart would take the recorded
+    // identity for a completed join and wait forever as a non-member: so a joining node that
+    // has heard nothing from any leader yet (term 0, empty log) asks whether it is a member,
+    // and asks to be added if not.
+    let mut ask_to_join = join_members.is_some();
+    if let (Some(client), false) = (&join_client, ask_to_join) {
+        let pristine = raft_storage.hard_state().term == 0
+            && raft_storage.snapshot_index() == 0
+            && raft::Storage::last_index(&raft_storage).unwrap_or(0) == 0;
+        if pristine {
+            let status = client.status().await.map_err(|e| {
+                anyhow::anyhow!("--join: this node never heard from the cluster, and cannot reach it to check its membership: {e}")
+            })?;
+            ask_to_join = !status.members.iter().any(|m| m.id == config.id);
+            if ask_to_join {
+                tracing::info!("an earlier start never completed its join; asking again");
+            }
+        }
+    }
+    if let (Some(client), true) = (&join_client, ask_to_join) {
+        crate::crashpoint::hit("join-asking");
+        {
             // Another node may be joining at the same moment: raft takes one membership change
             // at a time, so a busy answer is retried for a while.
             let change = MemberChange {

@@ -456,3 +456,33 @@ async fn a_wiped_member_is_refused_and_rejoins_as_a_new_member() {
     wait_members(&cluster, &voters, &[]).await;
     cluster.wait_digests_agree(&voters, "counter", 0).await;
 }
+
+/// A node killed after recording its identity but before the cluster was asked to add it (the
+/// first start's join never happened) joins on its next start, instead of taking the recorded
+/// identity for a completed join and waiting forever outside the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_interrupted_join_completes_on_the_next_start() {
+    let mut cluster = compacting_cluster(3, 50).await;
+    cluster.deploy(1, "kv", "kv").await;
+    // Past a compaction point, so the new node can be promoted (see the membership notes).
+    let acked = put_many(&cluster, &[1, 2, 3], "j", 120, 8).await;
+
+    let four = cluster.add_joining_node(&[("WRAFT_CRASH_AT", "join-asking")]);
+    let status = cluster.wait_exit(four, SLOW).await;
+    assert!(
+        !status.success(),
+        "node {four} should abort before asking to join"
+    );
+    assert!(
+        cluster
+            .log(four)
+            .contains("crash point `join-asking` reached"),
+        "node {four} stopped elsewhere: {}",
+        cluster.log_tail(four, 20)
+    );
+    cluster.restart(four);
+    wait_members(&cluster, &[1, 2, 3, four], &[]).await;
+    let commit = commit_now(&cluster).await;
+    cluster.wait_applied(four, commit).await;
+    assert_all_present(&cluster, four, &acked).await;
+}
