@@ -224,33 +224,29 @@ pub async fn run(
     }
     if let (Some(client), true) = (&join_client, ask_to_join) {
         crate::crashpoint::hit("join-asking");
-        {
-            // Another node may be joining at the same moment: raft takes one membership change
-            // at a time, so a busy answer is retried for a while.
-            let change = MemberChange {
-                kind: member_change::Kind::AddLearner as i32,
-                id: config.id,
-                addr: advertise.clone(),
-                incarnation,
-            };
-            let deadline = tokio::time::Instant::now() + JOIN_PATIENCE;
-            let added = loop {
-                match client.change_members(vec![change.clone()]).await {
-                    Ok(added) => break added,
-                    Err(crate::client::ClientError::Status(s))
-                        if s.message().contains("in progress")
-                            && tokio::time::Instant::now() < deadline =>
-                    {
-                        tracing::info!(
-                            "another membership change is in progress; retrying the join"
-                        );
-                        tokio::time::sleep(Duration::from_millis(300)).await;
-                    }
-                    Err(e) => bail!("--join: the cluster refused to add this node: {e}"),
+        // Another node may be joining at the same moment: raft takes one membership change
+        // at a time, so a busy answer is retried for a while.
+        let change = MemberChange {
+            kind: member_change::Kind::AddLearner as i32,
+            id: config.id,
+            addr: advertise.clone(),
+            incarnation,
+        };
+        let deadline = tokio::time::Instant::now() + JOIN_PATIENCE;
+        let added = loop {
+            match client.change_members(vec![change.clone()]).await {
+                Ok(added) => break added,
+                Err(crate::client::ClientError::Status(s))
+                    if s.message().contains("in progress")
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::info!("another membership change is in progress; retrying the join");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
                 }
-            };
-            tracing::info!(index = added.index, "joined the cluster as a learner");
-        }
+                Err(e) => bail!("--join: the cluster refused to add this node: {e}"),
+            }
+        };
+        tracing::info!(index = added.index, "joined the cluster as a learner");
     }
     let members: crate::members::SharedMembers = Arc::new(RwLock::new(
         raft_storage

@@ -558,7 +558,7 @@ impl RaftLoop {
         out
     }
 
-    fn step(&mut self, msg: Message) {
+    fn step(&mut self, mut msg: Message) {
         // raft-rs panics (`commit_to`) on a heartbeat that commits past our last index. A leader
         // never sends one (it caps the commit at what we acknowledged, which we had synced), so
         // such a message is corrupt or hostile: drop it rather than crash. This check needs our
@@ -593,8 +593,11 @@ impl RaftLoop {
             );
             return;
         }
-        let mut msg = msg;
-        if msg.get_msg_type() == raft::eraftpb::MessageType::MsgPropose {
+        // A follower's proposal is checked and stamped where it enters the log: a node that is
+        // not the leader hands it on (raft-rs forwards it, or drops it without a leader).
+        if msg.get_msg_type() == raft::eraftpb::MessageType::MsgPropose
+            && self.raw.raft.state == StateRole::Leader
+        {
             if self.apply_backlog() > MAX_APPLY_BACKLOG {
                 // As for this node's own clients: a lagging apply stage takes no more work.
                 METRICS.proposals_dropped.inc();
@@ -1420,23 +1423,18 @@ impl RaftLoop {
             learners.sort_unstable();
             (voters, learners)
         });
-        if role != Role::Leader && self.reads.values().any(|r| r.as_leader) {
+        if role != Role::Leader {
             // A round this node started as leader and can no longer finish as one could be
             // confirmed stale: fail it, the caller retries. (A follower's own rounds are the
             // leader's to confirm, and stay.)
-            let lost: Vec<u64> = self
-                .reads
-                .iter()
-                .filter(|(_, r)| r.as_leader)
-                .map(|(ctx, _)| *ctx)
-                .collect();
-            for ctx in lost {
-                if let Some(read) = self.reads.remove(&ctx) {
-                    for reply in read.replies {
+            self.reads.retain(|_, read| {
+                if read.as_leader {
+                    for reply in read.replies.drain(..) {
                         let _ = reply.send(Err(Error::NotLeader { leader }));
                     }
                 }
-            }
+                !read.as_leader
+            });
         }
         let log = &self.raw.raft.raft_log;
         self.status.send_if_modified(|current| {

@@ -90,7 +90,8 @@ pub struct ClientService {
 
 enum Route {
     Local,
-    Forward(u64, WraftClient<Channel>),
+    /// This node follows `leader`: it forwards the request, or serves it through raft.
+    Forward(u64),
 }
 
 impl ClientService {
@@ -124,9 +125,7 @@ impl ClientService {
                 if forwarded {
                     return Err(Error::NotLeader { leader });
                 }
-                return self
-                    .leader_client(leader)
-                    .map(|c| Route::Forward(leader, c));
+                return Ok(Route::Forward(leader));
             }
             match tokio::time::timeout_at(deadline, status.changed()).await {
                 Ok(Ok(())) => continue,
@@ -491,7 +490,8 @@ impl ClientService {
         }
         let tenant = req.tenant.clone();
         match self.route(forwarded).await? {
-            Route::Forward(leader, mut client) => {
+            Route::Forward(leader) => {
+                let mut client = self.leader_client(leader)?;
                 return client
                     .deploy(self.forward_request("deploy", req, &rid))
                     .await
@@ -579,8 +579,9 @@ impl ClientService {
             // A tenant this follower knows: it proposes the command itself (raft-rs carries it
             // to the leader on the peer stream) and answers from its own apply. One it does not
             // know (yet: a deploy it has not applied) goes to the leader, which knows.
-            Route::Forward(..) if self.tenant_exists(&req.tenant) => {}
-            Route::Forward(leader, mut client) => {
+            Route::Forward(_) if self.tenant_exists(&req.tenant) => {}
+            Route::Forward(leader) => {
+                let mut client = self.leader_client(leader)?;
                 return client
                     .exec(self.forward_request("exec", req, &rid))
                     .await
@@ -638,7 +639,7 @@ impl ClientService {
                     // its commit index (raft-rs's MsgReadIndex), this node waits until it has
                     // applied that far. The lease is the leader's, so a follower's lease read
                     // is a ReadIndex read (never weaker).
-                    Route::Forward(..) => {
+                    Route::Forward(_) => {
                         crate::metrics::METRICS
                             .forwarded
                             .with_label_values(&["read_index"])
@@ -785,7 +786,8 @@ impl ClientService {
         let req = request.into_inner();
         check_tenant_name(&req.tenant)?;
         match self.route(forwarded).await? {
-            Route::Forward(leader, mut client) => {
+            Route::Forward(leader) => {
+                let mut client = self.leader_client(leader)?;
                 return client
                     .delete_tenant(self.forward_request("delete_tenant", req, &rid))
                     .await
@@ -817,7 +819,8 @@ impl ClientService {
         let req = request.into_inner();
         check_tenant_name(&req.tenant)?;
         match self.route(forwarded).await? {
-            Route::Forward(leader, mut client) => {
+            Route::Forward(leader) => {
+                let mut client = self.leader_client(leader)?;
                 return client
                     .set_limits(self.forward_request("set_limits", req, &rid))
                     .await
@@ -875,7 +878,8 @@ impl ClientService {
         let rid = request_id_of(&request);
         let req = request.into_inner();
         match self.route(forwarded).await? {
-            Route::Forward(leader, mut client) => {
+            Route::Forward(leader) => {
+                let mut client = self.leader_client(leader)?;
                 return client
                     .transfer_leader(self.forward_request("transfer_leader", req, &rid))
                     .await

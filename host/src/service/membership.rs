@@ -40,7 +40,8 @@ impl ClientService {
             }
         }
         match self.route(forwarded).await? {
-            Route::Forward(leader, mut client) => {
+            Route::Forward(leader) => {
+                let mut client = self.leader_client(leader)?;
                 return client
                     .change_members(self.forward_request("change_members", req, &rid))
                     .await
