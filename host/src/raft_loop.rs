@@ -863,6 +863,12 @@ impl RaftLoop {
     fn retry_reads(&mut self) {
         let now = Instant::now();
         let as_leader = self.raw.raft.state == StateRole::Leader;
+        if !as_leader {
+            // Before anything is re-issued: a round started as leader must fail at a step-down
+            // (a tick may have just caused one), never be re-issued as a follower's round that
+            // waits out its caller's deadline for a leader this node may not find.
+            self.fail_rounds_issued_as_leader();
+        }
         let stale: Vec<u64> = self
             .reads
             .iter()
@@ -881,6 +887,22 @@ impl RaftLoop {
                 self.raw.read_index(ctx.to_be_bytes().to_vec());
             }
         }
+    }
+
+    /// Fails every ReadIndex round this node started as leader; called once it no longer
+    /// leads. Such a round could be confirmed stale, and its callers retry at once (with the
+    /// leader's id when one is known). A follower's own rounds are the leader's to confirm, and
+    /// stay.
+    fn fail_rounds_issued_as_leader(&mut self) {
+        let leader = self.raw.raft.leader_id;
+        self.reads.retain(|_, read| {
+            if read.as_leader {
+                for reply in read.replies.drain(..) {
+                    let _ = reply.send(Err(Error::NotLeader { leader }));
+                }
+            }
+            !read.as_leader
+        });
     }
 
     /// Handles one `Ready`. The order is the rules' order; each step says why it is there.
@@ -1030,6 +1052,11 @@ impl RaftLoop {
             } else {
                 protobuf::Message::parse_from_bytes(entry.get_data()).map_err(|e| e.to_string())
             };
+        let me = self.raw.raft.id;
+        let was_member = {
+            let conf = self.raw.raft.prs().conf();
+            conf.voters().contains(me) || conf.learners().contains(&me)
+        };
         let result = parsed.and_then(|cc| {
             let cs = self.raw.apply_conf_change(&cc).map_err(|e| e.to_string())?;
             Ok((cc, cs))
@@ -1066,7 +1093,6 @@ impl RaftLoop {
                     };
                     let _ = p.reply.send(answer);
                 }
-                let me = self.raw.raft.id;
                 let still_voter = cs.voters.contains(&me) || cs.voters_outgoing.contains(&me);
                 if !still_voter && self.raw.raft.state == StateRole::Leader {
                     // A removed leader hands over rather than lead a group it is not part of.
@@ -1075,7 +1101,10 @@ impl RaftLoop {
                         self.raw.transfer_leader(to);
                     }
                 }
-                if !cs.voters.contains(&me)
+                // (A node replaying the log from the start meets configurations from before
+                // it was added: not being in those is no removal.)
+                if was_member
+                    && !cs.voters.contains(&me)
                     && !cs.learners.contains(&me)
                     && !cs.voters_outgoing.contains(&me)
                 {
@@ -1424,17 +1453,7 @@ impl RaftLoop {
             (voters, learners)
         });
         if role != Role::Leader {
-            // A round this node started as leader and can no longer finish as one could be
-            // confirmed stale: fail it, the caller retries. (A follower's own rounds are the
-            // leader's to confirm, and stay.)
-            self.reads.retain(|_, read| {
-                if read.as_leader {
-                    for reply in read.replies.drain(..) {
-                        let _ = reply.send(Err(Error::NotLeader { leader }));
-                    }
-                }
-                !read.as_leader
-            });
+            self.fail_rounds_issued_as_leader();
         }
         let log = &self.raw.raft.raft_log;
         self.status.send_if_modified(|current| {

@@ -345,6 +345,20 @@ async fn isolated_old_leader_stops_serving_lease_reads() {
         after_errors > 0,
         "no lease read was tried on the old leader {old} after its lease ended"
     );
+    // A round the old leader started as leader fails when it steps down, and a read that finds
+    // no leader fails after the node's leader wait: none waits out the request timeout for a
+    // quorum it cannot reach.
+    let waited_out: Vec<&Read> = reads
+        .iter()
+        .filter(|r| matches!(&r.result, Err(e) if e.contains("waiting to confirm leadership")))
+        .collect();
+    assert!(
+        waited_out.is_empty(),
+        "{} reads on the isolated old leader {old} waited out the request timeout, e.g. {:?} after the cut: {:?}",
+        waited_out.len(),
+        waited_out[0].started.saturating_duration_since(cut),
+        waited_out[0]
+    );
 
     // Healed, the old leader rejoins as a follower and forwards: it sees v2.
     cluster.net().heal_all();

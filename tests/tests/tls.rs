@@ -267,7 +267,10 @@ async fn a_node_with_a_foreign_certificate_never_joins() {
         "node 3 must never learn the leader: {s3:?}"
     );
     assert_ne!(s3.role, Role::Leader as i32, "{s3:?}");
-    assert_eq!(s3.commit_index, 0, "node 3 must commit nothing: {s3:?}");
+    assert!(
+        s3.commit_index <= 3,
+        "node 3 must commit nothing beyond its bootstrap entries (one per initial voter): {s3:?}"
+    );
 }
 
 /// Deploys kv through `via` over TLS and waits until nodes 1 and 2 have applied it.

@@ -30,7 +30,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use protobuf::Message as _;
-use raft::eraftpb::{ConfState, HardState};
+use raft::eraftpb::{
+    ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, HardState,
+};
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Options,
     WriteBatch, WriteOptions, DB,
@@ -40,8 +42,9 @@ pub use raft_log::{decode_descriptor, RaftStorage};
 pub use state::StateStore;
 
 use keys::{
-    CF_LOG, CF_META, CF_STATE, FORMAT_VERSION, META_CONF_STATE, META_FORMAT_VERSION,
-    META_HARD_STATE, META_IDENTITY, META_INCARNATION, META_SNAPSHOT, META_STATE_GEN,
+    CF_LOG, CF_META, CF_STATE, FORMAT_VERSION, META_CONF_APPLIED, META_CONF_STATE,
+    META_FORMAT_VERSION, META_HARD_STATE, META_IDENTITY, META_INCARNATION, META_SNAPSHOT,
+    META_STATE_GEN,
 };
 
 /// Who a data directory belongs to. Recorded on first open; a later open with another identity is
@@ -153,11 +156,11 @@ pub(crate) fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a ColumnFamily, Storage
 
 /// Opens (creating if absent) the node database in `dir`.
 ///
-/// On first open it records the identity and initialises the conf state with `initial_voters`
-/// (every initial member is bootstrapped identically: log empty, first index 1, hard state
-/// empty), all in one synced batch. An empty `initial_voters` leaves the conf state empty, for a
-/// node that will learn the configuration from the leader. On later opens it verifies the format
-/// version and the identity and ignores `initial_voters`.
+/// On first open it records the identity and bootstraps the initial configuration, all in one
+/// synced batch: with `initial_voters`, the log starts with one committed conf change per voter
+/// (see [`bootstrap_entries`]), already applied to the stored conf state; without, the log and
+/// the conf state stay empty, for a node that will learn both from the leader. On later opens it
+/// verifies the format version and the identity and ignores `initial_voters`.
 pub fn open(
     dir: &Path,
     identity: NodeIdentity,
@@ -275,22 +278,32 @@ fn bootstrap(db: &DB, identity: NodeIdentity, initial_voters: &[u64]) -> Result<
         ));
     }
     let meta = cf(db, CF_META)?;
+    let entries = bootstrap_entries(initial_voters)?;
+    let mut voters = initial_voters.to_vec();
+    voters.sort_unstable();
+    voters.dedup();
     let conf_state = ConfState {
-        voters: initial_voters.to_vec(),
+        voters,
+        ..Default::default()
+    };
+    let last = entries.last().map_or(0, |e| e.index);
+    let hard_state = HardState {
+        term: entries.last().map_or(0, |e| e.term),
+        commit: last,
         ..Default::default()
     };
     let mut batch = WriteBatch::default();
+    for entry in &entries {
+        batch.put_cf(log, keys::log_key(entry.index), entry.write_to_bytes()?);
+    }
+    batch.put_cf(meta, META_CONF_APPLIED, last.to_be_bytes());
     batch.put_cf(meta, META_FORMAT_VERSION, FORMAT_VERSION.to_be_bytes());
     batch.put_cf(
         meta,
         META_IDENTITY,
         keys::encode_u64_pair(identity.cluster_id, identity.node_id),
     );
-    batch.put_cf(
-        meta,
-        META_HARD_STATE,
-        HardState::default().write_to_bytes()?,
-    );
+    batch.put_cf(meta, META_HARD_STATE, hard_state.write_to_bytes()?);
     batch.put_cf(meta, META_CONF_STATE, conf_state.write_to_bytes()?);
     batch.put_cf(meta, META_SNAPSHOT, keys::encode_u64_pair(0, 0));
     batch.put_cf(meta, META_STATE_GEN, 0u64.to_be_bytes());
@@ -299,6 +312,40 @@ fn bootstrap(db: &DB, identity: NodeIdentity, initial_voters: &[u64]) -> Result<
     batch.put_cf(meta, META_INCARNATION, incarnation.to_be_bytes());
     db.write_opt(batch, &synced())?;
     Ok(())
+}
+
+/// The log every initial member starts with: entry `i` (term 1) adds the `i`-th voter in id
+/// order, one simple conf change each, all committed. Every initial member writes the same
+/// bytes (the voters come from the `--peers` list, which the cluster id also covers), so the
+/// logs agree from the start.
+///
+/// Why the configuration is in the log and not only in the conf state: a node that joins later
+/// replays the log from index 1 when it has not been compacted yet, and must meet the initial
+/// voters there before the conf change that adds it (raft-rs refuses to add a learner to a
+/// configuration without voters, and that node would never become a member). The entries carry
+/// no addresses: a joining node has the current ones from the cluster, which replaying
+/// `--peers` from the first start could overwrite with stale ones.
+pub(crate) fn bootstrap_entries(initial_voters: &[u64]) -> Result<Vec<Entry>, StorageError> {
+    let mut voters = initial_voters.to_vec();
+    voters.sort_unstable();
+    voters.dedup();
+    voters
+        .iter()
+        .zip(1u64..)
+        .map(|(&id, index)| {
+            let mut change = ConfChangeSingle::default();
+            change.set_change_type(ConfChangeType::AddNode);
+            change.node_id = id;
+            let mut cc = ConfChangeV2::default();
+            cc.set_changes(vec![change].into());
+            let mut entry = Entry::default();
+            entry.set_entry_type(EntryType::EntryConfChangeV2);
+            entry.term = 1;
+            entry.index = index;
+            entry.set_data(cc.write_to_bytes()?.into());
+            Ok(entry)
+        })
+        .collect()
 }
 
 /// Write options for records raft relies on after a crash.

@@ -51,14 +51,69 @@ fn fresh_node_is_bootstrapped_with_initial_voters() {
     let dir = tempfile::tempdir().unwrap();
     let (raft, _) = open_at(dir.path());
     assert_eq!(raft.first_index().unwrap(), 1);
-    assert_eq!(raft.last_index().unwrap(), 0);
+    assert_eq!(raft.last_index().unwrap(), 3, "one entry per initial voter");
     assert_eq!(raft.term(0).unwrap(), 0);
     let state = raft.initial_state().unwrap();
-    assert_eq!(state.hard_state, HardState::default());
+    assert_eq!(state.hard_state.term, 1);
+    assert_eq!(
+        state.hard_state.commit, 3,
+        "the bootstrap entries are committed"
+    );
+    assert_eq!(state.hard_state.vote, 0);
     assert_eq!(state.conf_state.voters, vec![1, 2, 3]);
+    assert_eq!(
+        raft.conf_applied(),
+        3,
+        "and already applied to the conf state"
+    );
     assert!(state.initialized());
     assert_eq!(raft.identity(), ID);
-    assert!(raft.entries(1, 1, None, ctx()).unwrap().is_empty());
+    // The log says what the conf state says: a node replaying it from index 1 (one that joins
+    // before any compaction) builds the same configuration.
+    let added: Vec<u64> = raft
+        .entries(1, 4, None, ctx())
+        .unwrap()
+        .iter()
+        .flat_map(|e| {
+            assert_eq!(
+                e.get_entry_type(),
+                raft::eraftpb::EntryType::EntryConfChangeV2
+            );
+            assert_eq!(e.term, 1);
+            let cc = raft::eraftpb::ConfChangeV2::parse_from_bytes(&e.data).unwrap();
+            assert_eq!(cc.get_changes().len(), 1, "one simple change per entry");
+            let change = &cc.get_changes()[0];
+            assert_eq!(
+                change.get_change_type(),
+                raft::eraftpb::ConfChangeType::AddNode
+            );
+            Some(change.node_id)
+        })
+        .collect();
+    assert_eq!(added, vec![1, 2, 3]);
+}
+
+/// Every initial member writes the same log whatever order `--peers` listed them in: raft
+/// assumes entries with the same index and term are the same entry.
+#[test]
+fn bootstrap_entries_do_not_depend_on_the_order_of_the_voters() {
+    let bytes = |voters: &[u64]| -> Vec<Vec<u8>> {
+        bootstrap_entries(voters)
+            .unwrap()
+            .iter()
+            .map(|e| e.write_to_bytes().unwrap())
+            .collect()
+    };
+    assert_eq!(bytes(&[3, 1, 2]), bytes(&[1, 2, 3]));
+    assert_eq!(
+        bytes(&[1, 1, 2, 3]),
+        bytes(&[1, 2, 3]),
+        "a repeated id adds once"
+    );
+    assert!(
+        bytes(&[]).is_empty(),
+        "a joining node starts with an empty log"
+    );
 }
 
 #[test]
@@ -509,6 +564,11 @@ fn term_cache_follows_truncation_and_stays_bounded() {
     assert_eq!(store_err(raft.term(13)), raft::StorageError::Unavailable);
 }
 
+/// A normal entry with data: a proposal (not a new leader's empty entry, not a conf change).
+fn is_proposal(e: &Entry) -> bool {
+    e.get_entry_type() == raft::eraftpb::EntryType::EntryNormal && !e.data.is_empty()
+}
+
 /// Drives a real single-node raft over RaftStorage: elect, propose, persist each Ready, restart.
 #[test]
 fn single_node_raw_node_over_raft_storage() {
@@ -551,7 +611,7 @@ fn single_node_raw_node_over_raft_storage() {
         applied.extend(
             entries
                 .into_iter()
-                .filter(|e| !e.data.is_empty())
+                .filter(is_proposal)
                 .map(|e| e.data.to_vec()),
         );
     }
@@ -559,6 +619,9 @@ fn single_node_raw_node_over_raft_storage() {
     let (storage, _) = single(dir.path());
     let mut node = RawNode::new(&config, storage, &logger).unwrap();
     let mut applied = Vec::new();
+    // The bootstrap conf change is delivered first: raft-rs does not campaign while a
+    // committed conf change is unapplied.
+    on_ready(&mut node, &mut applied);
     node.campaign().unwrap();
     on_ready(&mut node, &mut applied);
     assert_eq!(node.raft.state, raft::StateRole::Leader);
@@ -573,7 +636,10 @@ fn single_node_raw_node_over_raft_storage() {
     let hs = node.store().hard_state();
     let last = node.store().last_index().unwrap();
     assert_eq!(hs.commit, last, "single node commits everything");
-    assert_eq!(last, 6, "empty leader entry + 5 proposals");
+    assert_eq!(
+        last, 7,
+        "bootstrap entry + empty leader entry + 5 proposals"
+    );
     drop(node);
 
     // Restart: the log and hard state come back; raft replays committed entries from applied 0.
@@ -583,7 +649,7 @@ fn single_node_raw_node_over_raft_storage() {
         .entries(1, last + 1)
         .unwrap()
         .into_iter()
-        .filter(|e| !e.data.is_empty())
+        .filter(is_proposal)
         .map(|e| e.data.to_vec())
         .collect();
     assert_eq!(replay, want);
