@@ -8,6 +8,7 @@
 //! Methods that talk to nodes panic with what they saw, like assertions; `status` and the
 //! `exec`/`query` wrappers return results so that tests can assert on errors.
 
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::TcpListener;
@@ -118,6 +119,10 @@ pub struct ClusterOptions {
     pub args: Vec<String>,
     /// Give every initial node a `/metrics` port of its own ([`Cluster::metrics_port`]).
     pub metrics: bool,
+    /// With `proxies`: this many ids after the initial nodes' are given a port and proxies on
+    /// every link to and from them now, so that nodes that join later
+    /// ([`Cluster::add_joining_node`]) are behind proxies too and network faults reach them.
+    pub spare_ids: usize,
 }
 
 /// A set of `wraft` nodes that were started together with the same `--peers`.
@@ -128,6 +133,8 @@ pub struct Cluster {
     dir: Option<TempDir>,
     /// The proxies on the peer links, if the cluster was started with them.
     net: Option<Network>,
+    /// The ports of the spare ids ([`ClusterOptions::spare_ids`]), taken by joining nodes.
+    spare_ports: BTreeMap<NodeId, u16>,
     /// Extra environment of every node process (every boot).
     env: Vec<(String, String)>,
     /// Extra `wraft serve` arguments of every node.
@@ -167,8 +174,15 @@ impl Cluster {
             .tempdir()
             .expect("creating a temporary directory");
         // Chosen in one call, so that client and metrics ports are all distinct.
-        let all_ports = free_ports(if opts.metrics { 2 * n } else { n });
+        let spare = if opts.proxies { opts.spare_ids } else { 0 };
+        let all_ports = free_ports(if opts.metrics { 2 * n } else { n } + spare);
+        let (all_ports, spare_ports) = all_ports.split_at(all_ports.len() - spare);
         let (ports, metrics_ports) = all_ports.split_at(n);
+        let spare_ports: BTreeMap<NodeId, u16> = spare_ports
+            .iter()
+            .enumerate()
+            .map(|(i, &port)| ((n + 1 + i) as NodeId, port))
+            .collect();
         let nodes: Vec<Node> = ports
             .iter()
             .enumerate()
@@ -192,7 +206,11 @@ impl Cluster {
             .collect::<Vec<_>>()
             .join(",");
         let net = opts.proxies.then(|| {
-            let targets: Vec<(NodeId, u16)> = nodes.iter().map(|n| (n.id, n.port)).collect();
+            let targets: Vec<(NodeId, u16)> = nodes
+                .iter()
+                .map(|n| (n.id, n.port))
+                .chain(spare_ports.iter().map(|(&id, &port)| (id, port)))
+                .collect();
             Network::start(&targets, opts.seed)
         });
         let cluster = Cluster {
@@ -200,6 +218,7 @@ impl Cluster {
             peers,
             dir: Some(dir),
             net,
+            spare_ports,
             env: opts.env,
             args: opts.args,
             highest_id: 0,
@@ -308,7 +327,11 @@ impl Cluster {
             .max(self.nodes.iter().map(|n| n.id).max().unwrap_or(0));
         self.highest_id += 1;
         let id = self.highest_id;
-        let port = port.unwrap_or_else(|| free_ports(1)[0]);
+        let spare_port = self.spare_ports.remove(&id);
+        let port = port.or(spare_port).unwrap_or_else(|| free_ports(1)[0]);
+        if let (Some(net), true) = (&self.net, spare_port.is_some_and(|p| p != port)) {
+            net.retarget(id, port);
+        }
         let join = via
             .iter()
             .map(|&id| self.endpoint(id))
@@ -406,8 +429,8 @@ impl Cluster {
     fn spawn(&self, id: NodeId) {
         let node = self.node(id);
         let mut args = self.serve_args(id);
-        // A node added after the start has no proxies (`--dial` may name only `--peers`, which
-        // a joining node has none of), and `wraft serve` refuses an empty `--dial`.
+        // A node added after the start has proxies only on a spare id
+        // ([`ClusterOptions::spare_ids`]); `wraft serve` refuses an empty `--dial`.
         if let Some(dial) = self.net.as_ref().map(|net| net.dial_arg(id)) {
             if !dial.is_empty() {
                 args.push("--dial".into());

@@ -7,10 +7,11 @@
 //! held. Voters stay within [`MIN_VOTERS`]..=[`MAX_VOTERS`], a removal is made only when at
 //! least [`MIN_VOTERS`] voters remain, and no id is ever used twice.
 //!
-//! Nodes added after the start have no fault proxies (`wraft serve` takes `--dial` only for
-//! `--peers`, and a joining node has none): network faults apply to the links between the
-//! initial nodes that are still members (so a partition is partial once nodes joined), and
-//! process faults (kill, pause) to every member. The membership faults keep two initial nodes.
+//! Network faults apply to the links between the members that have fault proxies: the initial
+//! nodes, and nodes that joined on one of the cluster's spare ids
+//! ([`crate::cluster::ClusterOptions::spare_ids`]; a node joining past them has none, so a
+//! partition is partial once the spares are used up). Process faults (kill, pause) apply to
+//! every member. The membership faults keep two proxied members.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -113,13 +114,13 @@ pub async fn pick(cluster: &Cluster, rng: &mut StdRng, kill_weight: u32) -> Faul
     }
 }
 
-/// The members whose peer links go through fault proxies (the initial nodes still members).
+/// The members whose peer links go through fault proxies (initial nodes and spare ids).
 pub fn proxied_members(cluster: &Cluster) -> Vec<NodeId> {
     let net = cluster.net();
     cluster
         .ids()
         .into_iter()
-        .filter(|&id| !net.dial_arg(id).is_empty())
+        .filter(|&id| net.has(id))
         .collect()
 }
 
@@ -211,7 +212,7 @@ pub async fn run(
 pub const MIN_VOTERS: usize = 3;
 /// Most voters the membership faults make.
 pub const MAX_VOTERS: usize = 5;
-/// Proxied members (initial nodes) the membership faults never remove, so that network faults
+/// Proxied members the membership faults never remove, so that network faults
 /// keep links to cut however many changes a long run makes.
 const KEEP_PROXIED: usize = 2;
 /// How long one membership step (a join up to promotion, a removal) may take before the run
@@ -408,7 +409,6 @@ pub async fn run_with_membership(
         cluster,
         rng,
         planned,
-        compacted: false,
         t: Ticker { held: None, record },
         targets: targets.clone(),
         report: MembershipReport::default(),
@@ -439,8 +439,6 @@ struct Scheduler<'c, R> {
     ever: BTreeSet<NodeId>,
     /// Membership fault kinds still to make first (popped from the end).
     planned: Vec<u8>,
-    /// Every member has compacted its log once ([`Scheduler::wait_compacted`]).
-    compacted: bool,
     report: MembershipReport,
 }
 
@@ -609,7 +607,8 @@ impl<R: FnMut(String)> Scheduler<'_, R> {
     }
 
     /// The members a membership fault may remove: all but the last [`KEEP_PROXIED`] proxied
-    /// ones, so that network faults keep links to cut (nodes added later have no proxies).
+    /// ones, so that network faults keep links to cut (nodes added past the spare ids have no
+    /// proxies).
     fn removable(&self) -> Vec<NodeId> {
         let proxied = proxied_members(self.cluster);
         let ids = self.cluster.ids();
@@ -736,7 +735,6 @@ impl<R: FnMut(String)> Scheduler<'_, R> {
     /// change is in progress", e.g. when its request was forwarded to a leader that just died)
     /// is forgotten, and the join is tried again under a new id until [`STEP_TIMEOUT`].
     async fn add_node(&mut self, port: Option<u16>) -> Result<NodeId, String> {
-        self.wait_compacted().await?;
         let deadline = Instant::now() + STEP_TIMEOUT;
         loop {
             self.wait_leader().await?;
@@ -767,58 +765,6 @@ impl<R: FnMut(String)> Scheduler<'_, R> {
                     self.t.sleep(self.cluster, JOIN_BACKOFF).await;
                 }
             }
-        }
-    }
-
-    /// Waits (once per run) until every member has compacted its log at least once.
-    ///
-    /// A workaround for a host bug: a node that joins while the leader's log still starts at
-    /// index 1 is sent entries rather than a snapshot; the initial configuration is not in the
-    /// log (it comes from `--peers`), so the joining node applies its own `AddLearner` to an
-    /// empty configuration, raft-rs refuses it ("conf change not applied ... removed all
-    /// voters"), and the node never learns that it is a learner, so it never asks to be
-    /// promoted. The leader's compaction after the `AddLearner` usually wins the race, but not
-    /// when its apply stage lags (compiling a freshly deployed module on a loaded machine); with
-    /// `--snapshot-entries 0` every join hits it. Once every member has compacted, a joining
-    /// node always starts from a snapshot.
-    async fn wait_compacted(&mut self) -> Result<(), String> {
-        if self.compacted {
-            return Ok(());
-        }
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        let mut noted = false;
-        loop {
-            let mut pending = Vec::new();
-            for id in self.cluster.ids() {
-                let status = if self.cluster.is_paused(id) {
-                    Err("paused".to_string())
-                } else {
-                    self.t.during(self.cluster, self.cluster.status(id)).await
-                };
-                match status {
-                    Ok(s) if s.snapshot_index > 0 => {}
-                    Ok(s) => pending.push(format!("node {id} log from {}", s.first_index)),
-                    Err(e) => pending.push(format!("node {id}: {e}")),
-                }
-            }
-            if pending.is_empty() {
-                self.compacted = true;
-                return Ok(());
-            }
-            if !noted {
-                noted = true;
-                self.t.note(format!(
-                    "waiting for every member to compact once before a join: {}",
-                    pending.join(", ")
-                ));
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "not every member compacted within {STEP_TIMEOUT:?}: {}",
-                    pending.join(", ")
-                ));
-            }
-            self.t.sleep(self.cluster, MEMBER_POLL).await;
         }
     }
 

@@ -74,6 +74,9 @@ impl Default for LinkState {
 struct Control {
     /// A std mutex: held only to copy or change the settings, never across an await.
     state: Mutex<LinkState>,
+    /// Where new connections go (`127.0.0.1:PORT`): a node that joins on a port of its own
+    /// moves the links to it ([`Network::retarget`]).
+    target: Mutex<String>,
     /// Bumped to close every connection open at that moment.
     epoch: watch::Sender<u64>,
     /// Seeded, so that a flaky schedule can be replayed from the test's seed.
@@ -85,6 +88,10 @@ struct Control {
 impl Control {
     fn state(&self) -> LinkState {
         *self.state.lock().unwrap()
+    }
+
+    fn target(&self) -> String {
+        self.target.lock().unwrap().clone()
     }
 
     fn close_all(&self) {
@@ -114,11 +121,12 @@ impl LinkProxy {
         let listener = TcpListener::from_std(std_listener).expect("registering a listener");
         let ctl = Arc::new(Control {
             state: Mutex::new(LinkState::default()),
+            target: Mutex::new(target),
             epoch: watch::channel(0).0,
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
             flaky_task: Mutex::new(None),
         });
-        let accept_task = tokio::spawn(accept_loop(listener, target, ctl.clone()));
+        let accept_task = tokio::spawn(accept_loop(listener, ctl.clone()));
         LinkProxy {
             from,
             to,
@@ -203,13 +211,13 @@ impl Drop for LinkProxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, target: String, ctl: Arc<Control>) {
+async fn accept_loop(listener: TcpListener, ctl: Arc<Control>) {
     loop {
         let inbound = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(err) => {
                 // Out of descriptors and the like: back off rather than spin.
-                eprintln!("proxy to {target}: accept failed: {err}");
+                eprintln!("proxy to {}: accept failed: {err}", ctl.target());
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -220,7 +228,7 @@ async fn accept_loop(listener: TcpListener, target: String, ctl: Arc<Control>) {
                 tokio::spawn(hold(inbound, ctl.epoch.subscribe()));
             }
             Mode::Open => {
-                tokio::spawn(connection(inbound, target.clone(), ctl.clone()));
+                tokio::spawn(connection(inbound, ctl.target(), ctl.clone()));
             }
         }
     }
@@ -348,6 +356,21 @@ impl Network {
     /// Every link, in (from, to) order.
     pub fn links(&self) -> impl Iterator<Item = &LinkProxy> {
         self.links.values()
+    }
+
+    /// Points every link to node `to` at `port` from now on (connections open now stay where
+    /// they are): for a node that joins on a port other than the one the links were made for.
+    pub fn retarget(&self, to: NodeId, port: u16) {
+        for ((_, t), link) in &self.links {
+            if *t == to {
+                *link.ctl.target.lock().unwrap() = format!("127.0.0.1:{port}");
+            }
+        }
+    }
+
+    /// Whether node `id` has proxies on its links (an initial node, or a spare id).
+    pub fn has(&self, id: NodeId) -> bool {
+        self.links.keys().any(|(from, _)| *from == id)
     }
 
     /// The `--dial` value of node `from`: every peer through its proxy.

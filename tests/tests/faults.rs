@@ -460,8 +460,12 @@ mod membership_faults {
 
     /// How long faults are injected in CI: a few membership changes among ~10 faults.
     const FAULT_PHASE: Duration = Duration::from_secs(25);
-    /// Compaction every this many entries, so that most joining nodes start from a snapshot.
+    /// Compaction every this many entries: joining nodes start from a snapshot or, before the
+    /// first compaction, from the log.
     const SNAPSHOT_ENTRIES: u64 = 300;
+    /// Ids given proxies up front for the nodes the run adds (a long soak round may add more;
+    /// those join without proxies).
+    const SPARE_IDS: usize = 8;
     /// The gRPC deadline of one client call; past it the call is unknown.
     const CALL_TIMEOUT: Duration = Duration::from_secs(4);
     /// A backstop over the gRPC deadline, for a paused node that cannot even time out.
@@ -907,6 +911,8 @@ mod membership_faults {
             3,
             ClusterOptions {
                 proxies: true,
+                // Joined nodes are behind proxies too, so partitions reach them.
+                spare_ids: SPARE_IDS,
                 seed,
                 args: vec![
                     "--snapshot-entries".into(),

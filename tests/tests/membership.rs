@@ -493,8 +493,18 @@ async fn an_interrupted_join_completes_on_the_next_start() {
 /// outside the cluster for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_joins_a_never_compacted_cluster_and_counts_as_a_voter() {
-    // 0: never compact, so the log from index 1 is the only way to catch up.
-    let mut cluster = compacting_cluster(3, 0).await;
+    let mut cluster = Cluster::start_with(
+        3,
+        ClusterOptions {
+            // 0: never compact, so the log from index 1 is the only way to catch up.
+            args: vec!["--snapshot-entries".into(), "0".into()],
+            // Node 4 joins behind proxies, so it can be cut off below.
+            proxies: true,
+            spare_ids: 1,
+            ..Default::default()
+        },
+    )
+    .await;
     cluster.deploy(1, "kv", "kv").await;
     let mut acked = put_many(&cluster, &[1, 2, 3], "f", 40, 4).await;
 
@@ -524,12 +534,31 @@ async fn a_node_joins_a_never_compacted_cluster_and_counts_as_a_voter() {
     cluster.wait_applied(four, commit).await;
     assert_all_present(&cluster, four, &acked).await;
 
-    // It counts: with one original voter down, a write needs the newcomer's acknowledgement
-    // (3 of 4) to commit.
+    // Cut off (its links are proxied like the initial nodes'), it misses a write the other
+    // three commit, and catches up once healed.
     let down = [1, 2, 3]
         .into_iter()
         .find(|&id| id != leader)
         .expect("a follower among the first three");
+    cluster.net().isolate(four);
+    let (cut_write, _) = cluster
+        .exec_ok(
+            down,
+            "kv",
+            &json!({"op": "put", "key": "cut", "value": "off"}),
+        )
+        .await;
+    acked.insert("cut".to_string(), "off".to_string());
+    let status = cluster.status(four).await.unwrap();
+    assert!(
+        status.applied_index < cut_write,
+        "isolated node {four} applied the write at {cut_write}: {status:?}"
+    );
+    cluster.net().heal_all();
+    cluster.wait_applied(four, cut_write).await;
+
+    // It counts: with one original voter down, a write needs the newcomer's acknowledgement
+    // (3 of 4) to commit.
     cluster.kill(down).await;
     let (index, _) = cluster
         .exec_ok(

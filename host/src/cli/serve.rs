@@ -38,8 +38,9 @@ pub struct Args {
     /// one-node cluster of this node.
     #[arg(long, env = "WRAFT_PEERS", value_delimiter = ',')]
     peers: Vec<String>,
-    /// Connect to these peers at another address than --peers gives (`ID=HOST:PORT,...`), e.g.
-    /// through a proxy. Membership and the cluster id still come from --peers.
+    /// Connect to these nodes at another address than they advertise (`ID=HOST:PORT,...`), e.g.
+    /// through a proxy; may name nodes that join later. Membership and the cluster id still
+    /// come from --peers.
     #[arg(long, env = "WRAFT_DIAL", value_delimiter = ',')]
     dial: Vec<String>,
     /// How long a write may wait to be applied before its client gets an indeterminate error.
@@ -130,8 +131,11 @@ impl Args {
         let dial = or_file(self.dial, file.dial);
         let peers = parse_peers(&peers, id, listen)?;
         let dial = parse_id_addrs(&dial, "--dial")?;
-        if let Some(id) = dial.keys().find(|id| !peers.contains_key(id)) {
-            return Err(format!("--dial names node {id}, which is not in --peers"));
+        // Any node may be named, members that join later included; only the node itself may not.
+        if dial.contains_key(&id) {
+            return Err(format!(
+                "--dial names this node ({id}): it never dials itself"
+            ));
         }
         let request_timeout_ms = self
             .request_timeout_ms
