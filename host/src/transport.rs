@@ -53,7 +53,13 @@ pub struct Transport {
     tls: Option<ClientTlsConfig>,
     /// Where to dial a peer instead of its advertised address (`--dial`: proxies in tests).
     dial: Arc<HashMap<u64, String>>,
+    /// When a drop was last logged, per peer and reason ([`DROP_WARN_EVERY`]).
+    drop_warned: Arc<Mutex<HashMap<(u64, &'static str), std::time::Instant>>>,
 }
+
+/// How often a peer's dropped messages are logged at warn level: one line per peer and reason
+/// in this period, however many are dropped (the metric counts each).
+const DROP_WARN_EVERY: Duration = Duration::from_secs(10);
 
 impl Transport {
     /// A transport with no peers yet; must be made on the tokio runtime, whose handle it keeps
@@ -76,6 +82,7 @@ impl Transport {
             raft,
             tls,
             dial,
+            drop_warned: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -119,12 +126,33 @@ impl Transport {
                             .peer_messages_dropped
                             .with_label_values(&[to_label(msg_to).as_str(), "queue_full"])
                             .inc();
-                        tracing::debug!("peer queue full or closed; dropping a raft message");
+                        self.warn_drop(
+                            msg_to,
+                            "its queue is full (the link is stuck or the peer is slow)",
+                        );
                     }
                 }
+                // Routine for the last messages to a node just removed (its link went with it).
                 None => tracing::debug!(to = msg.to, "raft addressed a node with no known address"),
             }
         }
+    }
+
+    /// Logs that messages to `peer` are being dropped, at most once per [`DROP_WARN_EVERY`]
+    /// per peer and reason: raft tolerates loss, but a peer that hears nothing for long must
+    /// show in the log, not only at debug level.
+    fn warn_drop(&self, peer: u64, why: &'static str) {
+        let now = std::time::Instant::now();
+        let Ok(mut warned) = self.drop_warned.lock() else {
+            return;
+        };
+        if let Some(last) = warned.get(&(peer, why)) {
+            if now.duration_since(*last) < DROP_WARN_EVERY {
+                return;
+            }
+        }
+        warned.insert((peer, why), now);
+        tracing::warn!(peer, "dropping raft messages to a peer: {why}");
     }
 }
 
