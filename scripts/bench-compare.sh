@@ -138,23 +138,26 @@ start_etcd() {
   return 1
 }
 
-# run_one SYSTEM WORKLOAD ROUND: one measured run, appended to $DIR/compare.jsonl.
+# run_one SYSTEM WORKLOAD ROUND: one measured run, appended to $DIR/compare.jsonl. One client
+# runs on a one-thread generator (no thread wake-up of the generator's own inside the latency);
+# 256 clients on one thread per core, as one thread can be the bottleneck of a fast system.
+# etcd-bench is built like `wraft bench` (same runtime, same flags) so both pay the same.
 run_one() {
   local system=$1 workload=$2 round=$3 load out cmd
   load=$(load1)
   case "$system/$workload" in
-    etcd/put-c1) cmd=("$etcd_bench" --endpoints "$E_E" --clients 1) ;;
+    etcd/put-c1) cmd=("$etcd_bench" --endpoints "$E_E" --clients 1 --threads 1) ;;
     etcd/put-c256) cmd=("$etcd_bench" --endpoints "$E_E" --clients 256) ;;
     etcd/get-linearizable-c256) cmd=("$etcd_bench" --endpoints "$E_E" --clients 256 --read-ratio 1 --consistency linearizable) ;;
     etcd/get-serializable-c256) cmd=("$etcd_bench" --endpoints "$E_E" --clients 256 --read-ratio 1 --consistency serializable) ;;
-    wraft/put-c1) cmd=("$wraft" bench --endpoints "$W_E" --clients 1) ;;
+    wraft/put-c1) cmd=("$wraft" bench --endpoints "$W_E" --clients 1 --threads 1) ;;
     wraft/put-c16) cmd=("$wraft" bench --endpoints "$W_E" --clients 16) ;;
     wraft/put-c64) cmd=("$wraft" bench --endpoints "$W_E" --clients 64) ;;
     wraft/put-c256) cmd=("$wraft" bench --endpoints "$W_E" --clients 256) ;;
     wraft/get-linearizable-c256) cmd=("$wraft" bench --endpoints "$W_E" --clients 256 --read-ratio 1 --consistency linearizable) ;;
     wraft/get-lease-c256) cmd=("$wraft" bench --endpoints "$W_E" --clients 256 --read-ratio 1 --consistency lease) ;;
     wraft/get-stale-c256) cmd=("$wraft" bench --endpoints "$W_E" --clients 256 --read-ratio 1 --consistency stale) ;;
-    wraft-bare/put-c1) cmd=("$wraft" bench --endpoints "$B_E" --clients 1) ;;
+    wraft-bare/put-c1) cmd=("$wraft" bench --endpoints "$B_E" --clients 1 --threads 1) ;;
     wraft-bare/put-c256) cmd=("$wraft" bench --endpoints "$B_E" --clients 256) ;;
     wraft-bare/get-linearizable-c256) cmd=("$wraft" bench --endpoints "$B_E" --clients 256 --read-ratio 1 --consistency linearizable) ;;
     wraft-bare/get-lease-c256) cmd=("$wraft" bench --endpoints "$B_E" --clients 256 --read-ratio 1 --consistency lease) ;;

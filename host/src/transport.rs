@@ -4,8 +4,9 @@
 //! The Raft loop hands messages over without blocking ([`Transport::send`]); a task drains its
 //! queue into one batch per write, so order to a peer is kept and a burst costs one write. A
 //! broken stream is reported to raft (`report_unreachable`, which stops optimistic pipelining to
-//! that peer) and reopened with capped exponential backoff. A full queue drops messages: raft
-//! retransmits, and a queue that never empties must not grow memory.
+//! that peer) and reopened with capped exponential backoff; so is one that stops passing batches
+//! on while its connection still answers keepalive pings ([`STREAM_STALL`]). A full queue drops
+//! messages: raft retransmits, and a queue that never empties must not grow memory.
 //!
 //! Receiving ([`PeerService`]): peers are not clients. A stream is accepted only from a member of
 //! this cluster, and every message is checked ([`validate`]) before it reaches raft-rs, which
@@ -36,6 +37,15 @@ use crate::raft_loop::RaftInput;
 const PEER_QUEUE: usize = 8192;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long a peer stream may take every batch handed to it without passing one on before the
+/// link gives up on it and reconnects. HTTP/2 keepalive catches a dead connection, but not one
+/// that answers pings while its stream never drains (a flow-control window that never
+/// reopens): raft would wait on that peer forever with nothing in the log.
+const STREAM_STALL: Duration = if cfg!(test) {
+    Duration::from_millis(300)
+} else {
+    Duration::from_secs(10)
+};
 
 /// A peer's advertised address and its queue.
 type Link = (String, mpsc::Sender<Message>);
@@ -55,7 +65,15 @@ pub struct Transport {
     dial: Arc<HashMap<u64, String>>,
     /// When a drop was last logged, per peer and reason ([`DROP_WARN_EVERY`]).
     drop_warned: Arc<Mutex<HashMap<(u64, &'static str), std::time::Instant>>>,
+    /// Since when raft has been addressing each peer this node has no address for, and when
+    /// it last did.
+    unknown_since: Arc<Mutex<HashMap<u64, (std::time::Instant, std::time::Instant)>>>,
 }
+
+/// Raft addresses a node it has no address for only briefly after that node's removal (its
+/// progress goes with the conf change); past this, the address book and raft disagree, which
+/// must show in the log.
+const UNKNOWN_PEER_GRACE: Duration = Duration::from_secs(5);
 
 /// How often a peer's dropped messages are logged at warn level: one line per peer and reason
 /// in this period, however many are dropped (the metric counts each).
@@ -83,6 +101,7 @@ impl Transport {
             tls,
             dial,
             drop_warned: Arc::new(Mutex::new(HashMap::new())),
+            unknown_since: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -93,6 +112,9 @@ impl Transport {
             return;
         };
         links.retain(|id, (addr, _)| peers.get(id) == Some(addr));
+        if let Ok(mut unknown) = self.unknown_since.lock() {
+            unknown.retain(|id, _| !peers.contains_key(id));
+        }
         for (&id, addr) in peers {
             if id == self.self_id || links.contains_key(&id) {
                 continue;
@@ -132,9 +154,31 @@ impl Transport {
                         );
                     }
                 }
-                // Routine for the last messages to a node just removed (its link went with it).
-                None => tracing::debug!(to = msg.to, "raft addressed a node with no known address"),
+                None => self.unknown_peer(msg_to),
             }
+        }
+    }
+
+    /// A message for a node with no known address is dropped: routine for the last messages to
+    /// a node just removed (its link went with it), a fault if it goes on.
+    fn unknown_peer(&self, peer: u64) {
+        let now = std::time::Instant::now();
+        let since = match self.unknown_since.lock() {
+            Ok(mut unknown) => {
+                let (since, last) = unknown.entry(peer).or_insert((now, now));
+                // A pause as long as the grace starts the count again.
+                if now.duration_since(*last) >= UNKNOWN_PEER_GRACE {
+                    *since = now;
+                }
+                *last = now;
+                *since
+            }
+            Err(_) => now,
+        };
+        if now.duration_since(since) < UNKNOWN_PEER_GRACE {
+            tracing::debug!(to = peer, "raft addressed a node with no known address");
+        } else {
+            self.warn_drop(peer, "raft keeps addressing it but it has no known address");
         }
     }
 
@@ -239,18 +283,40 @@ impl PeerLink {
                     None => tokio::select! {
                         m = queue.recv() => match m { Some(m) => m, None => return },
                         result = &mut call => {
-                            match result {
-                                Ok(Err(status)) => tracing::warn!(peer = self.to, %status, "peer closed the stream"),
-                                Ok(Ok(_)) => tracing::debug!(peer = self.to, "peer ended the stream"),
-                                Err(err) => tracing::warn!(peer = self.to, %err, "peer stream task failed"),
-                            }
+                            self.log_stream_end(result);
                             break None;
                         }
                     },
                 };
                 let (batch, leftover) = self.batch(msg, &mut queue);
-                if stream_tx.send(batch).await.is_err() {
-                    break leftover;
+                // The fast path takes no timer; a full stream is watched for its end and for a
+                // stall (see STREAM_STALL).
+                let batch = match stream_tx.try_send(batch) {
+                    Ok(()) => None,
+                    Err(mpsc::error::TrySendError::Full(batch)) => Some(batch),
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        tracing::info!(peer = self.to, "peer stream closed; reconnecting");
+                        break leftover;
+                    }
+                };
+                if let Some(batch) = batch {
+                    let sent = tokio::select! {
+                        sent = stream_tx.send(batch) => sent.is_ok(),
+                        result = &mut call => {
+                            self.log_stream_end(result);
+                            false
+                        }
+                        _ = tokio::time::sleep(STREAM_STALL) => {
+                            tracing::warn!(
+                                peer = self.to,
+                                "peer stream passed nothing on for {STREAM_STALL:?}; reconnecting"
+                            );
+                            false
+                        }
+                    };
+                    if !sent {
+                        break leftover;
+                    }
                 }
                 backoff = BACKOFF_MIN;
                 next = leftover;
@@ -260,6 +326,14 @@ impl PeerLink {
             self.unreachable();
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn log_stream_end<T>(&self, result: Result<Result<T, Status>, tokio::task::JoinError>) {
+        match result {
+            Ok(Err(status)) => tracing::warn!(peer = self.to, %status, "peer closed the stream"),
+            Ok(Ok(_)) => tracing::info!(peer = self.to, "peer ended the stream"),
+            Err(err) => tracing::warn!(peer = self.to, %err, "peer stream task failed"),
         }
     }
 
@@ -784,5 +858,85 @@ mod tests {
         );
         resp.set_entries(vec![entry(b"ctx", EntryType::EntryNormal)].into());
         assert!(validate(&resp, 2, 1).is_ok());
+    }
+
+    /// A peer that takes the raft stream and never reads it: its connection stays up and
+    /// answers HTTP/2 pings, so keepalive sees nothing wrong.
+    struct NeverReads {
+        streams: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    #[tonic::async_trait]
+    impl Peer for NeverReads {
+        type FetchSnapshotStream = std::pin::Pin<
+            Box<
+                dyn tokio_stream::Stream<Item = Result<wraft_proto::peer::SnapshotChunk, Status>>
+                    + Send,
+            >,
+        >;
+
+        async fn fetch_snapshot(
+            &self,
+            _: Request<wraft_proto::peer::SnapshotRequest>,
+        ) -> Result<Response<Self::FetchSnapshotStream>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+
+        async fn raft(
+            &self,
+            request: Request<Streaming<RaftBatch>>,
+        ) -> Result<Response<RaftAck>, Status> {
+            self.streams
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let held = request.into_inner();
+            let never = std::future::pending().await;
+            drop(held);
+            never
+        }
+    }
+
+    /// The link gives up on a stream that stops passing batches on and opens another, rather
+    /// than waiting on it forever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_that_stops_draining_is_reopened() {
+        use wraft_proto::peer::peer_server::PeerServer;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let peer = NeverReads {
+            streams: streams.clone(),
+        };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(PeerServer::new(peer))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let (raft_tx, _raft_rx) = crossbeam_channel::bounded(16);
+        let transport = Transport::new(7, 1, 1, raft_tx, None, Arc::new(HashMap::new()));
+        transport.set_peers(&BTreeMap::from([(2, addr.to_string())]));
+        let append = || {
+            let mut m = msg(MessageType::MsgAppend);
+            m.from = 1;
+            m.to = 2;
+            m.set_entries(
+                vec![Entry {
+                    data: vec![7; 64 << 10].into(),
+                    ..Default::default()
+                }]
+                .into(),
+            );
+            m
+        };
+        // Keep sending: HTTP/2's windows fill, then the link's stream buffer, then nothing
+        // moves while the connection stays healthy.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while streams.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the link never reopened a stream that stopped draining"
+            );
+            transport.send((0..8).map(|_| append()).collect());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

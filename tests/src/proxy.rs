@@ -174,7 +174,7 @@ impl LinkProxy {
     }
 
     /// Back to a plain pipe: forwards, no delay, not flaky. Connections that may have lost bytes
-    /// (held by a blackhole) are closed.
+    /// (held by a blackhole, or pumped while cut) are closed.
     pub fn heal(&self) {
         self.flaky(false);
         let before = {
@@ -183,7 +183,7 @@ impl LinkProxy {
             *state = LinkState::default();
             before
         };
-        if before.mode == Mode::Blackhole {
+        if before.mode != Mode::Open {
             self.ctl.close_all();
         }
     }
@@ -222,13 +222,16 @@ async fn accept_loop(listener: TcpListener, ctl: Arc<Control>) {
                 continue;
             }
         };
+        // Subscribed before the mode is read: a heal or cut landing in between must still
+        // reach this connection (it would otherwise be held, or pumped, past it).
+        let epoch = ctl.epoch.subscribe();
         match ctl.state().mode {
             Mode::Cut => drop(inbound),
             Mode::Blackhole => {
-                tokio::spawn(hold(inbound, ctl.epoch.subscribe()));
+                tokio::spawn(hold(inbound, epoch));
             }
             Mode::Open => {
-                tokio::spawn(connection(inbound, ctl.target(), ctl.clone()));
+                tokio::spawn(connection(inbound, ctl.target(), ctl.clone(), epoch));
             }
         }
     }
@@ -260,8 +263,12 @@ async fn hold(mut inbound: TcpStream, mut epoch: watch::Receiver<u64>) {
     }
 }
 
-async fn connection(inbound: TcpStream, target: String, ctl: Arc<Control>) {
-    let mut epoch = ctl.epoch.subscribe();
+async fn connection(
+    inbound: TcpStream,
+    target: String,
+    ctl: Arc<Control>,
+    mut epoch: watch::Receiver<u64>,
+) {
     let outbound = tokio::select! {
         _ = epoch.changed() => return,
         c = TcpStream::connect(&target) => match c {

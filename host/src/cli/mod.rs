@@ -146,7 +146,22 @@ pub fn main() -> ExitCode {
     exit_quietly_on_closed_stdout();
     let json_logs = matches!(&cli.command, Command::Serve(a) if a.log_json());
     crate::logging::init(json_logs);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // `bench --threads 1` runs on this thread alone: its request loops and channels then wake
+    // each other without waking another thread (BENCHMARKS.md, "The load generator").
+    let generator_threads = match &cli.command {
+        Command::Bench(args) => args.threads(),
+        _ => None,
+    };
+    let mut builder = match generator_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder
         .enable_all()
         // Deploy validation instantiates modules on these threads (a start function runs):
         // the same room as the apply thread (see `wasm::GUEST_THREAD_STACK_BYTES`).

@@ -45,6 +45,9 @@ struct Args {
     /// gRPC channels the loops share; default min(clients, 8) as in `wraft bench`.
     #[arg(long)]
     connections: Option<u64>,
+    /// Threads of the generator (default: one per core), as `wraft bench --threads`.
+    #[arg(long)]
+    threads: Option<usize>,
     #[arg(long, conflicts_with = "duration")]
     ops: Option<u64>,
     #[arg(long, value_name = "SECS")]
@@ -143,10 +146,26 @@ impl Tally {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// The runtime is built as `wraft bench` builds its own (`--threads`), so that both generators
+/// take the same kind of share of the machine they measure.
+fn main() -> ExitCode {
     let args = <Args as clap::Parser>::parse();
-    match run(args).await {
+    let runtime = match args.threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n.max(1))
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+    };
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(args)) {
         Ok(code) => code,
         Err(message) => {
             eprintln!("error: {message}");
@@ -214,6 +233,7 @@ async fn run(args: Args) -> Result<ExitCode, String> {
             "endpoints": args.endpoints,
             "clients": args.clients,
             "connections": connections,
+            "threads": args.threads,
             "duration_s": args.duration,
             "keys": args.keys,
             "value_size": args.value_size,
