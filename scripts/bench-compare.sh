@@ -114,6 +114,23 @@ for l in sys.stdin:
   return 1
 }
 
+# The first endpoint leads, on every cluster: a single client talks to the first endpoint, and
+# which node leads decides how far its requests travel and how the load spreads, so a run
+# where one cluster's first node leads and the other's does not compares placements, not
+# systems. Done after loading, just before the measured runs.
+wraft_lead_from_first() {
+  [ "$(wait_wraft_leader "$1")" = 1 ] || "$wraft" leader transfer --endpoints "$1" --to 1 >/dev/null
+}
+
+etcd_lead_from_first() {
+  local status member leader
+  status=$(ETCDCTL_API=3 etcdctl --endpoints "127.0.0.1:${E_CLIENT[0]}" endpoint status -w json)
+  member=$(python3 -c 'import sys,json; print(json.loads(sys.argv[1])[0]["Status"]["header"]["member_id"])' "$status")
+  leader=$(python3 -c 'import sys,json; print(json.loads(sys.argv[1])[0]["Status"]["leader"])' "$status")
+  [ "$member" = "$leader" ] ||
+    ETCDCTL_API=3 etcdctl --endpoints "$E_E" move-leader "$(printf '%x' "$member")" >/dev/null
+}
+
 start_etcd() {
   local cluster="" i
   for i in 0 1 2; do cluster+="${cluster:+,}e$((i + 1))=http://127.0.0.1:${E_PEER[$i]}"; done
@@ -226,6 +243,8 @@ compare() {
   echo "== loading the key space (20,000 puts of 1000 keys on each system)"
   "$etcd_bench" --endpoints "$E_E" --ops 20000 --clients 64 --keys 1000 --value-size 256 --json >/dev/null
   "$wraft" bench --endpoints "$W_E" --ops 20000 --clients 64 --keys 1000 --value-size 256 --json >/dev/null
+  etcd_lead_from_first
+  wraft_lead_from_first "$W_E"
   : >"$DIR/compare.jsonl"
   echo "== $ROUNDS rounds of ${DURATION}s runs (load average at start: $(cat /proc/loadavg))"
   local workloads=(put-c1 put-c256 get-linearizable-c256 get-serializable-c256 get-lease-c256 get-stale-c256)
@@ -289,6 +308,7 @@ idle() {
   for i in $(seq 1 "$IDLE"); do "$wraft" deploy --endpoints "$W_E" --tenant "idle$i" "$kv" >/dev/null; done
   for e in "$W_E" "$B_E"; do
     "$wraft" bench --endpoints "$e" --ops 20000 --clients 64 --keys 1000 --value-size 256 --json >/dev/null
+    wraft_lead_from_first "$e"
   done
   : >"$DIR/compare.jsonl"
   echo "== $ROUNDS rounds of ${DURATION}s runs (load average at start: $(cat /proc/loadavg))"

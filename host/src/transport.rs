@@ -40,7 +40,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How long a peer stream may take every batch handed to it without passing one on before the
 /// link gives up on it and reconnects. HTTP/2 keepalive catches a dead connection, but not one
 /// that answers pings while its stream never drains (a flow-control window that never
-/// reopens): raft would wait on that peer forever with nothing in the log.
+/// reopens): raft would wait on that peer forever with nothing in the log. It also sets the
+/// slowest link a full-size batch can cross: `PEER_BATCH_BYTES` (4 MiB) in 10 s is 400 KiB/s.
 const STREAM_STALL: Duration = if cfg!(test) {
     Duration::from_millis(300)
 } else {
