@@ -284,6 +284,7 @@ scan() {
   wait_wraft_leader "$W_E" >/dev/null
   "$wraft" deploy --endpoints "$W_E" --tenant bench "$kv" >/dev/null
   "$wraft" bench --endpoints "$W_E" --ops 20000 --clients 64 --keys 1000 --value-size 256 --json >/dev/null
+  wraft_lead_from_first "$W_E"
   : >"$DIR/compare.jsonl"
   echo "== $ROUNDS rounds of ${DURATION}s runs (load average at start: $(cat /proc/loadavg))"
   local workloads=(put-c1 put-c16 put-c64 put-c256 get-linearizable-c256 get-lease-c256 get-stale-c256)
