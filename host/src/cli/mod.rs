@@ -147,7 +147,7 @@ pub fn main() -> ExitCode {
     let json_logs = matches!(&cli.command, Command::Serve(a) if a.log_json());
     crate::logging::init(json_logs);
     // `bench --threads 1` runs on this thread alone: its request loops and channels then wake
-    // each other without waking another thread (BENCHMARKS.md, "The load generator").
+    // each other without waking another thread (BENCHMARKS.md, "The load generator's threads").
     let generator_threads = match &cli.command {
         Command::Bench(args) => args.threads(),
         _ => None,
