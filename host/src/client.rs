@@ -103,8 +103,7 @@ impl Client {
         }
         let channel = builder
             .connect_timeout(connect_timeout)
-            .tcp_nodelay(true)
-            .connect()
+            .connect_with_connector(crate::coalesce::CoalescedConnector)
             .await
             .map_err(|e| {
                 // A plain-text client gets no useful answer from a TLS node (nor the reverse):

@@ -16,6 +16,7 @@
 //! - [`tls`]: PEM files into TLS configurations; which certificates may speak for a peer.
 //! - [`envelope`]: the versioned format of log entries; proposal ids.
 //! - [`client`]: a client with endpoint failover (CLI, tests, benchmarks).
+//! - [`coalesce`]: the socket wrapper that lets one write carry many HTTP/2 frames.
 //! - [`cli`]: the `wraft` command line.
 //! - [`error`], [`limits`], [`logging`], [`metrics`]: what can fail, how big things may be,
 //!   what is logged and measured.
@@ -24,6 +25,7 @@ pub mod apply;
 pub mod auth;
 pub mod cli;
 pub mod client;
+pub mod coalesce;
 pub mod crashpoint;
 pub mod envelope;
 pub mod error;

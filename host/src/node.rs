@@ -435,7 +435,7 @@ pub async fn run(
                     tracing::debug!(%err, "cannot set TCP_NODELAY on an accepted connection");
                 }
             }
-            conn
+            conn.map(crate::coalesce::Coalesced::new)
         },
     );
     let (fatal_seen_tx, fatal_seen_rx) = tokio::sync::oneshot::channel::<String>();

@@ -158,12 +158,12 @@ impl ClientService {
                 .tls_config(tls.clone())
                 .map_err(|e| Error::Internal(format!("leader {leader} TLS: {e}")))?;
         }
-        let endpoint = endpoint
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true);
-        let client = WraftClient::new(endpoint.connect_lazy())
-            .max_decoding_message_size(CLIENT_GRPC_MESSAGE_BYTES)
-            .max_encoding_message_size(CLIENT_GRPC_MESSAGE_BYTES);
+        let endpoint = endpoint.connect_timeout(Duration::from_secs(1));
+        let client = WraftClient::new(
+            endpoint.connect_with_connector_lazy(crate::coalesce::CoalescedConnector),
+        )
+        .max_decoding_message_size(CLIENT_GRPC_MESSAGE_BYTES)
+        .max_encoding_message_size(CLIENT_GRPC_MESSAGE_BYTES);
         cache.insert(leader, client.clone());
         Ok(client)
     }

@@ -5,7 +5,8 @@
 //! each loop sends a Put of a random key `k0..k{keys-1}` with a value of `--value-size` random
 //! alphanumeric bytes (or a Range of one key) and waits for the answer before the next; latency
 //! per request into an HDR histogram; throughput is successful requests per second of wall
-//! time; failures are counted by kind, never fatal. `--json` prints the same fields as
+//! time; failures are counted by kind, never fatal. Channels use wraft's socket wrapper
+//! (`host/src/coalesce.rs`), as `wraft bench` does. `--json` prints the same fields as
 //! `wraft bench --json` (config, fsync_probe, elapsed_s, ops, ok, ops_per_s, writes, reads).
 
 use std::collections::BTreeMap;
@@ -20,6 +21,12 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tonic::transport::{Channel, Endpoint};
+
+// The same socket wrapper as `wraft bench`'s channels (one source file, so the two clients
+// cannot drift apart): a load generator's writes of one scheduler pass leave together.
+#[allow(dead_code)]
+#[path = "../../../host/src/coalesce.rs"]
+mod coalesce;
 
 mod pb {
     tonic::include_proto!("etcdserverpb");
@@ -186,8 +193,7 @@ async fn run(args: Args) -> Result<ExitCode, String> {
         let channel = Endpoint::from_shared(format!("http://{endpoint}"))
             .map_err(|e| format!("{endpoint}: {e}"))?
             .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect()
+            .connect_with_connector(coalesce::CoalescedConnector)
             .await
             .map_err(|e| format!("connect to {endpoint}: {e}"))?;
         channels.push(KvClient::new(channel));
