@@ -23,11 +23,10 @@
 //! `wraft bench`, a follower forwarding to its leader; `scripts/etcd-bench` includes this file
 //! so both load generators stay alike).
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-
-use std::future::Future;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -99,7 +98,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesced<S> {
 
     fn is_write_vectored(&self) -> bool {
         // h2 then copies payloads of up to 1 KiB into its frame buffer, so one write can
-        // carry many small answers; larger ones are still written without a copy.
+        // carry many small answers. A larger payload is still not copied: it leaves in a
+        // write of its own after the buffered frames (two calls where one `writev` did).
         false
     }
 
