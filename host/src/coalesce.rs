@@ -21,7 +21,8 @@
 //! woken itself, so it is polled again. The node wraps every accepted connection
 //! (`node::run`), and [`CoalescedConnector`] wraps the connections of our own clients (the CLI,
 //! `wraft bench`, a follower forwarding to its leader; `scripts/etcd-bench` includes this file
-//! so both load generators stay alike).
+//! so both load generators stay alike). Peer links (`transport.rs`) open plain channels: each
+//! already carries one batch of raft messages per send.
 
 use std::future::Future;
 use std::io;
