@@ -42,6 +42,8 @@ pub struct Metrics {
     pub fuel_used: IntCounterVec,
     pub apply_seconds: HistogramVec,
     pub tenant_memory_bytes: IntGaugeVec,
+    pub checkpoints: IntCounterVec,
+    pub checkpoint_bytes: IntCounterVec,
     // Wasm, per process: copied from the runtime's own counters at scrape time
     pub wasm_compilations: IntCounter,
     pub wasm_compile_cache_hits: IntCounter,
@@ -171,6 +173,16 @@ impl Metrics {
                 &["tenant"],
             )
             .unwrap_or_else(|e| panic!("metric wasm_memory_bytes: {e}")),
+            checkpoints: counters(
+                "tenant_checkpoints_total",
+                "Checkpoints written, per tenant (memory model: the whole state each time).",
+                &["tenant"],
+            ),
+            checkpoint_bytes: counters(
+                "tenant_checkpoint_bytes_total",
+                "Bytes of checkpoints written, per tenant.",
+                &["tenant"],
+            ),
             wasm_compilations: counter(
                 "wasm_compilations_total",
                 "Modules compiled (not found in the module cache).",
@@ -238,6 +250,8 @@ impl Metrics {
             Box::new(m.fuel_used.clone()),
             Box::new(m.apply_seconds.clone()),
             Box::new(m.tenant_memory_bytes.clone()),
+            Box::new(m.checkpoints.clone()),
+            Box::new(m.checkpoint_bytes.clone()),
             Box::new(m.wasm_compilations.clone()),
             Box::new(m.wasm_compile_cache_hits.clone()),
             Box::new(m.grpc_requests.clone()),

@@ -159,6 +159,8 @@ struct TenantMetrics {
     apply_seconds: prometheus::Histogram,
     fuel_used: prometheus::IntCounter,
     memory_bytes: prometheus::IntGauge,
+    checkpoints: prometheus::IntCounter,
+    checkpoint_bytes: prometheus::IntCounter,
 }
 
 impl TenantMetrics {
@@ -168,6 +170,8 @@ impl TenantMetrics {
             apply_seconds: METRICS.apply_seconds.with_label_values(&[tenant]),
             fuel_used: METRICS.fuel_used.with_label_values(&[tenant]),
             memory_bytes: METRICS.tenant_memory_bytes.with_label_values(&[tenant]),
+            checkpoints: METRICS.checkpoints.with_label_values(&[tenant]),
+            checkpoint_bytes: METRICS.checkpoint_bytes.with_label_values(&[tenant]),
         }
     }
 }
@@ -184,6 +188,11 @@ pub struct Tenant {
     /// The index of the last entry that changed this tenant.
     last_index: u64,
     ops_since_checkpoint: u64,
+    /// The encoded size of the commands applied since the checkpoint: what a replay from it
+    /// reads and runs again.
+    bytes_since_checkpoint: u64,
+    /// The encoded size of the last checkpoint written or loaded: what the next one copies.
+    checkpoint_bytes: u64,
     /// 1 at the first deploy, +1 at every successful upgrade.
     version: u64,
     /// The timestamp of the last op that reached the module: the context's clock never goes
@@ -196,8 +205,25 @@ pub struct Tenant {
     metrics: TenantMetrics,
 }
 
-/// Ops of one tenant applied between checkpoints. Bounds replay after a trap or a restart.
-const CHECKPOINT_EVERY_OPS: u64 = 1000;
+/// A memory-model tenant is checkpointed after this many of its ops at the least...
+const CHECKPOINT_MIN_OPS: u64 = 1000;
+/// ...and once the commands since the last checkpoint add up to 1/N of its encoded size (N is
+/// this constant). A checkpoint copies the whole state: at a fixed 1,000 ops a 40 MB kv tenant
+/// held 256 clients' writes to 2,400-5,100 ops/s (19,000 with a small state; BENCHMARKS.md,
+/// "A large tenant's checkpoints"). Tied to size, checkpoints write at most N bytes per byte of
+/// command, and replay after a trap or a restart reads at most 1/N of the state's size in
+/// commands.
+const CHECKPOINT_STATE_FRACTION: u64 = 2;
+/// ...or after this many ops whatever their size, so that replay after a trap or a restart
+/// stays bounded when the commands are tiny and the state is large.
+const CHECKPOINT_MAX_OPS: u64 = 100_000;
+
+/// Whether a memory-model tenant is due a checkpoint (see [`CHECKPOINT_MIN_OPS`]).
+pub(super) fn checkpoint_due(ops_since: u64, bytes_since: u64, checkpoint_bytes: u64) -> bool {
+    ops_since >= CHECKPOINT_MIN_OPS
+        && (bytes_since.saturating_mul(CHECKPOINT_STATE_FRACTION) >= checkpoint_bytes
+            || ops_since >= CHECKPOINT_MAX_OPS)
+}
 
 impl Tenant {
     /// A new tenant running a fresh instance of `module`, checkpointed at `at`.
@@ -229,6 +255,8 @@ impl Tenant {
             checkpoint: at,
             last_index: at.0,
             ops_since_checkpoint: 0,
+            bytes_since_checkpoint: 0,
+            checkpoint_bytes: 0,
             version: 1,
             last_timestamp_ms: meta.timestamp_ms,
             history,
@@ -332,6 +360,7 @@ impl Tenant {
         )?;
         self.checkpoint = at;
         self.ops_since_checkpoint = 0;
+        self.bytes_since_checkpoint = 0;
         Ok(())
     }
 
@@ -468,6 +497,7 @@ impl Tenant {
 
     /// Loads a tenant from its stored checkpoint.
     pub fn load(env: &Env, cp: TenantCheckpoint) -> Result<Self, TenantError> {
+        let checkpoint_bytes = cp.encoded_len() as u64;
         let broken = |message: String| TenantError::Broken {
             tenant: cp.tenant.clone(),
             message,
@@ -527,6 +557,8 @@ impl Tenant {
             checkpoint: (cp.index, cp.position),
             last_index: cp.last_index,
             ops_since_checkpoint: 0,
+            bytes_since_checkpoint: 0,
+            checkpoint_bytes,
             version: cp.version,
             last_timestamp_ms: cp.last_timestamp_ms,
             history: cp.history,
@@ -697,7 +729,12 @@ impl Tenant {
                 .inc(),
         }
         self.ops_since_checkpoint += 1;
-        if self.ops_since_checkpoint >= CHECKPOINT_EVERY_OPS {
+        self.bytes_since_checkpoint += cmd.encoded_len() as u64;
+        if checkpoint_due(
+            self.ops_since_checkpoint,
+            self.bytes_since_checkpoint,
+            self.checkpoint_bytes,
+        ) {
             self.checkpoint_now(env, at);
         }
         outcome
@@ -836,15 +873,16 @@ impl Tenant {
         snapshot: Option<Vec<u8>>,
         wasm: Option<&[u8]>,
     ) -> Result<(), crate::storage::StorageError> {
-        let cp = self.checkpoint_record(at, snapshot, true);
+        let record = self.checkpoint_record(at, snapshot, true).encode_to_vec();
         let hash = self.module.hash_hex();
-        env.store.put_checkpoint(
-            &self.name,
-            &cp.encode_to_vec(),
-            wasm.map(|w| (hash.as_str(), w)),
-        )?;
+        env.store
+            .put_checkpoint(&self.name, &record, wasm.map(|w| (hash.as_str(), w)))?;
         self.checkpoint = at;
         self.ops_since_checkpoint = 0;
+        self.bytes_since_checkpoint = 0;
+        self.checkpoint_bytes = record.len() as u64;
+        self.metrics.checkpoints.inc();
+        self.metrics.checkpoint_bytes.inc_by(self.checkpoint_bytes);
         Ok(())
     }
 
