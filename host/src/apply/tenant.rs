@@ -6,7 +6,9 @@
 //! plus the log ops after that position; on restart the checkpoint is restored and the log
 //! replayed from there. A trap can leave memory half-changed, so after one the instance is
 //! dropped, rebuilt from the checkpoint plus the log up to the trapped op (which then counts as
-//! applied-with-error), and checkpointed afresh so that repeated traps stay cheap.
+//! applied-with-error), and checkpointed afresh so that repeated traps stay cheap: in memory,
+//! and in storage every few traps (a large state's stored checkpoint is too costly to write on
+//! every trap, on the apply thread that every tenant shares).
 //!
 //! **Store model.** The state lives only in host storage (`storage/tenant_data.rs`); every call
 //! runs on a fresh instance, so nothing in memory outlives it. Each op's writes, its session
@@ -193,6 +195,14 @@ pub struct Tenant {
     bytes_since_checkpoint: u64,
     /// The encoded size of the last checkpoint written or loaded: what the next one copies.
     checkpoint_bytes: u64,
+    /// A checkpoint held in memory only, at or past the stored one: the one the last rebuild
+    /// started from, or one taken after a trap. The next rebuild starts from it without
+    /// reading and decoding the stored checkpoint, and a trap stores no checkpoint: for a
+    /// large state those were most of a trap's cost, paid on the apply thread that every
+    /// tenant shares. Dropped when a checkpoint is stored; a restart starts from the stored one.
+    rebuild_base: Option<TenantCheckpoint>,
+    /// Traps since the stored checkpoint (see [`TRAPS_PER_STORED_CHECKPOINT`]).
+    traps_since_checkpoint: u32,
     /// 1 at the first deploy, +1 at every successful upgrade.
     version: u64,
     /// The timestamp of the last op that reached the module: the context's clock never goes
@@ -217,6 +227,10 @@ const CHECKPOINT_STATE_FRACTION: u64 = 2;
 /// ...or after this many ops whatever their size, so that replay after a trap or a restart
 /// stays bounded when the commands are tiny and the state is large.
 const CHECKPOINT_MAX_OPS: u64 = 100_000;
+/// After this many traps a checkpoint is stored (the ones between are kept in memory). Replay
+/// at a restart meets every trap since the stored checkpoint again and starts over from the
+/// checkpoint at each, so this bounds how many times it does.
+const TRAPS_PER_STORED_CHECKPOINT: u32 = 8;
 
 /// Whether a memory-model tenant is due a checkpoint (see [`CHECKPOINT_MIN_OPS`]).
 pub(super) fn checkpoint_due(ops_since: u64, bytes_since: u64, checkpoint_bytes: u64) -> bool {
@@ -257,6 +271,8 @@ impl Tenant {
             ops_since_checkpoint: 0,
             bytes_since_checkpoint: 0,
             checkpoint_bytes: 0,
+            rebuild_base: None,
+            traps_since_checkpoint: 0,
             version: 1,
             last_timestamp_ms: meta.timestamp_ms,
             history,
@@ -361,6 +377,8 @@ impl Tenant {
         self.checkpoint = at;
         self.ops_since_checkpoint = 0;
         self.bytes_since_checkpoint = 0;
+        self.rebuild_base = None;
+        self.traps_since_checkpoint = 0;
         Ok(())
     }
 
@@ -459,6 +477,8 @@ impl Tenant {
             return failed(kind, what, &err);
         }
         let writes = next.take_writes();
+        // A checkpoint in memory is the old module's state: never a base for the new one.
+        self.rebuild_base = None;
         self.module = module;
         self.version += 1;
         self.history.push(ModuleVersion {
@@ -559,6 +579,8 @@ impl Tenant {
             ops_since_checkpoint: 0,
             bytes_since_checkpoint: 0,
             checkpoint_bytes,
+            rebuild_base: None,
+            traps_since_checkpoint: 0,
             version: cp.version,
             last_timestamp_ms: cp.last_timestamp_ms,
             history: cp.history,
@@ -648,6 +670,7 @@ impl Tenant {
         match moved {
             Ok(instance) => {
                 self.instance = Some(instance);
+                self.rebuild_base = None;
                 self.limits = next;
                 self.last_index = at.0;
                 if let Err(err) = self.write_checkpoint(env, at, Some(snapshot), None) {
@@ -710,7 +733,7 @@ impl Tenant {
                                 // included, as replay will count it.
                                 self.last_timestamp_ms = context.timestamp_ms;
                                 self.record_session(cmd, &outcome, at.0);
-                                self.checkpoint_now(env, at);
+                                self.after_trap(env, at, cmd, &outcome);
                                 return outcome;
                             }
                         }
@@ -738,6 +761,45 @@ impl Tenant {
             self.checkpoint_now(env, at);
         }
         outcome
+    }
+
+    /// After a trap at `at`, once the state is rebuilt up to it: the next rebuild starts
+    /// here, from a checkpoint kept in memory, or from a stored one when one is due anyway or
+    /// after [`TRAPS_PER_STORED_CHECKPOINT`] traps.
+    fn after_trap(&mut self, env: &Env, at: OpPos, cmd: &Command, outcome: &OpOutcome) {
+        if let OpOutcome::Failed { kind, .. } = outcome {
+            METRICS
+                .traps
+                .with_label_values(&[self.name.as_str(), kind.as_str_name()])
+                .inc();
+        }
+        self.ops_since_checkpoint += 1;
+        self.bytes_since_checkpoint += cmd.encoded_len() as u64;
+        self.traps_since_checkpoint += 1;
+        if self.traps_since_checkpoint >= TRAPS_PER_STORED_CHECKPOINT
+            || checkpoint_due(
+                self.ops_since_checkpoint,
+                self.bytes_since_checkpoint,
+                self.checkpoint_bytes,
+            )
+        {
+            self.checkpoint_now(env, at);
+            return;
+        }
+        match self
+            .live(env, at)
+            .and_then(|i| i.snapshot().map_err(|e| (e, true)))
+        {
+            Ok(snapshot) => {
+                self.rebuild_base = Some(self.checkpoint_record(at, Some(snapshot), true));
+            }
+            Err((err, poisoned)) => {
+                if poisoned {
+                    self.instance = None;
+                }
+                tracing::warn!(tenant = %self.name, %err, "snapshot after a trap failed; the next rebuild starts from an earlier checkpoint");
+            }
+        }
     }
 
     /// A store-model op: a fresh instance, its writes committed with its session and position
@@ -881,6 +943,8 @@ impl Tenant {
         self.ops_since_checkpoint = 0;
         self.bytes_since_checkpoint = 0;
         self.checkpoint_bytes = record.len() as u64;
+        self.rebuild_base = None;
+        self.traps_since_checkpoint = 0;
         self.metrics.checkpoints.inc();
         self.metrics.checkpoint_bytes.inc_by(self.checkpoint_bytes);
         Ok(())
@@ -945,13 +1009,18 @@ impl Tenant {
             tenant: name.clone(),
             message,
         };
-        let cp_bytes = env
-            .store
-            .checkpoint(&self.name)
-            .map_err(|e| broken(e.to_string()))?
-            .ok_or_else(|| broken("no checkpoint is stored".into()))?;
-        let cp = TenantCheckpoint::decode(cp_bytes.as_slice())
-            .map_err(|e| broken(format!("checkpoint undecodable: {e}")))?;
+        let cp = match self.rebuild_base.take() {
+            Some(base) => base,
+            None => {
+                let cp_bytes = env
+                    .store
+                    .checkpoint(&self.name)
+                    .map_err(|e| broken(e.to_string()))?
+                    .ok_or_else(|| broken("no checkpoint is stored".into()))?;
+                TenantCheckpoint::decode(cp_bytes.as_slice())
+                    .map_err(|e| broken(format!("checkpoint undecodable: {e}")))?
+            }
+        };
         let cp_at = (cp.index, cp.position);
         // Ops at or below the floor are covered by the checkpoint (compaction waits for every
         // tenant to be checkpointed past them), and the log no longer holds them.
@@ -1019,7 +1088,10 @@ impl Tenant {
                 }
             }
             match trapped {
-                None => return Ok(()),
+                None => {
+                    self.rebuild_base = Some(cp);
+                    return Ok(());
+                }
                 Some((at, outcome)) => {
                     skip.insert(at, outcome);
                 }

@@ -280,8 +280,8 @@ fn a_trap_leaves_no_trace_now_and_after_replay() {
     assert_eq!(mixed[2], output(4));
     assert_eq!(h.counter(), 4);
     let digest = h.digest();
-    // A crash: no shutdown checkpoint. The restart restores the checkpoint written after the
-    // last trap and replays the log after it.
+    // A crash: no shutdown checkpoint. The restart restores the stored checkpoint (a trap keeps
+    // its checkpoint in memory) and replays the log after it, meeting the traps again.
     h.crash();
 
     let h = start(dir.path());
@@ -759,4 +759,47 @@ fn tiny_commands_on_a_large_state_still_checkpoint_within_a_bounded_replay() {
         checkpoint_due(100_000, 1, huge),
         "replay never exceeds 100,000 ops"
     );
+}
+
+#[test]
+fn traps_keep_their_checkpoints_in_memory_and_store_every_eighth() {
+    let dir = tempfile::tempdir().unwrap();
+    let (deploy, _) = trappy_deploy(crate::wasm::ENGINE);
+    let mut h = start(dir.path());
+    h.commit(vec![deploy]);
+    let deployed_at = h.raft.hard_state().commit;
+    for n in 1..=7 {
+        assert_eq!(h.commit(vec![cmd("a")]), vec![output(n)]);
+        assert!(is_trap(&h.commit(vec![cmd("t")])[0]));
+    }
+    assert_eq!(h.counter(), 7);
+    h.crash();
+
+    let mut h = start(dir.path());
+    assert_eq!(
+        h.replay_from,
+        deployed_at - 1,
+        "seven traps store no checkpoint"
+    );
+    h.replay();
+    assert_eq!(
+        h.counter(),
+        7,
+        "the replay meets the seven traps again, to the same state"
+    );
+    // The eighth trap since the stored checkpoint stores one at the trapped op.
+    assert!(is_trap(&h.commit(vec![cmd("t")])[0]));
+    let eighth = h.raft.hard_state().commit;
+    assert_eq!(h.commit(vec![cmd("a")]), vec![output(8)]);
+    h.crash();
+
+    let h = start(dir.path());
+    assert_eq!(
+        h.replay_from,
+        eighth - 1,
+        "replay starts at the eighth trap"
+    );
+    h.replay();
+    assert_eq!(h.counter(), 8);
+    h.stop();
 }
