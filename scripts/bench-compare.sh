@@ -13,6 +13,11 @@
 #                                        tenants beside the measured one, one without; ROUNDS
 #                                        rounds alternating them (issue 6: no figure may get
 #                                        worse by more than 5% with 100 idle tenants)
+#   scripts/bench-compare.sh large       etcd and wraft each holding ~35 MB (80,000 puts of
+#                                        1 KiB over 40,000 keys), then 256 clients' writes of
+#                                        256-byte values over those keys; ROUNDS alternating
+#                                        rounds (a state of megabytes costs checkpoints that a
+#                                        small one does not show)
 #   scripts/bench-compare.sh deploy      deploy time of a 1 MiB module (kv padded with a custom
 #                                        section), fresh (compiled) and again (cached)
 #   scripts/bench-compare.sh catchup     load ~1 GiB into kv tenants, add a 4th node with
@@ -69,7 +74,7 @@ build() {
   [ "${SKIP_BUILD:-0}" = 1 ] && return 0
   cargo build -p wraft
   bash scripts/build-plugins.sh >/dev/null
-  if [ "$mode" = compare ]; then
+  if [ "$mode" = compare ] || [ "$mode" = large ]; then
     command -v etcd >/dev/null || { echo "etcd not found: apt-get install etcd-server etcd-client"; exit 1; }
     CARGO_TARGET_DIR="$target/etcd-bench" cargo build --manifest-path scripts/etcd-bench/Cargo.toml
   fi
@@ -181,7 +186,7 @@ run_one() {
     wraft-bare/get-stale-c256) cmd=("$wraft" bench --endpoints "$B_E" --clients 256 --read-ratio 1 --consistency stale) ;;
     *) echo "unknown run $system/$workload" >&2; return 1 ;;
   esac
-  cmd+=(--duration "$DURATION" --value-size 256 --keys 1000 --fsync-probe "$DIR" --json)
+  cmd+=(--duration "$DURATION" --value-size 256 --keys "${KEYS:-1000}" --fsync-probe "$DIR" --json)
   out=$("${cmd[@]}") || true
   python3 - "$system" "$workload" "$round" "$load" "$out" >>"$DIR/compare.jsonl" <<'EOF'
 import json, sys
@@ -232,21 +237,29 @@ for wl in order:
 EOF
 }
 
-compare() {
-  fresh_dir
+# start_both IDLE OPS CLIENTS KEYS VALUE_SIZE: etcd, and wraft with kv as tenant bench beside
+# IDLE idle kv tenants; each loaded with OPS puts of VALUE_SIZE bytes over KEYS keys by CLIENTS
+# clients; leaders on the first endpoints; an empty compare.jsonl.
+start_both() {
+  local idle=$1 ops=$2 clients=$3 keys=$4 size=$5
   start_etcd
   start_wraft "$DIR" "${W_PORTS[@]}"
   wait_wraft_leader "$W_E" >/dev/null
-  echo "== deploying kv as tenant bench and $IDLE idle tenants"
+  echo "== deploying kv as tenant bench and $idle idle tenants"
   "$wraft" deploy --endpoints "$W_E" --tenant bench "$kv" >/dev/null
-  for i in $(seq 1 "$IDLE"); do "$wraft" deploy --endpoints "$W_E" --tenant "idle$i" "$kv" >/dev/null; done
-  echo "== loading the key space (20,000 puts of 1000 keys on each system)"
-  "$etcd_bench" --endpoints "$E_E" --ops 20000 --clients 64 --keys 1000 --value-size 256 --json >/dev/null
-  "$wraft" bench --endpoints "$W_E" --ops 20000 --clients 64 --keys 1000 --value-size 256 --json >/dev/null
+  for i in $(seq 1 "$idle"); do "$wraft" deploy --endpoints "$W_E" --tenant "idle$i" "$kv" >/dev/null; done
+  echo "== loading the key space ($ops puts of $size bytes over $keys keys on each system)"
+  "$etcd_bench" --endpoints "$E_E" --ops "$ops" --clients "$clients" --keys "$keys" --value-size "$size" --json >/dev/null
+  "$wraft" bench --endpoints "$W_E" --ops "$ops" --clients "$clients" --keys "$keys" --value-size "$size" --json >/dev/null
   etcd_lead_from_first
   wraft_lead_from_first "$W_E"
   : >"$DIR/compare.jsonl"
   echo "== $ROUNDS rounds of ${DURATION}s runs (load average at start: $(cat /proc/loadavg))"
+}
+
+compare() {
+  fresh_dir
+  start_both "$IDLE" 20000 64 1000 256
   local workloads=(put-c1 put-c256 get-linearizable-c256 get-serializable-c256 get-lease-c256 get-stale-c256)
   for round in $(seq 1 "$ROUNDS"); do
     for wl in "${workloads[@]}"; do
@@ -292,6 +305,20 @@ scan() {
     for wl in "${workloads[@]}"; do run_one wraft "$wl" "$round"; done
   done
   echo "== medians of $ROUNDS rounds (raw: $DIR/compare.jsonl)"
+  summarize
+}
+
+# large: 256 clients' writes on etcd and wraft, each holding ~35 MB.
+large() {
+  fresh_dir
+  # About 35 MB each: 80,000 puts of 1 KiB over 40,000 keys reach 86% of them.
+  start_both 0 80000 256 40000 1024
+  for round in $(seq 1 "$ROUNDS"); do
+    local systems=(etcd wraft)
+    [ $((round % 2)) -eq 0 ] && systems=(wraft etcd)
+    for system in "${systems[@]}"; do KEYS=40000 run_one "$system" put-c256 "$round"; done
+  done
+  echo "== medians of $ROUNDS alternating runs (raw: $DIR/compare.jsonl)"
   summarize
 }
 
@@ -445,5 +472,6 @@ case "$mode" in
   scan) scan ;;
   deploy) deploy ;;
   catchup) catchup ;;
-  *) echo "usage: $0 [compare|scan|idle|deploy|catchup]" >&2; exit 2 ;;
+  large) large ;;
+  *) echo "usage: $0 [compare|scan|idle|large|deploy|catchup]" >&2; exit 2 ;;
 esac

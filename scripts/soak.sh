@@ -12,12 +12,13 @@
 #   scripts/soak.sh 30            # 30 minutes, each round injecting faults for 60 s
 #   FAULT_SECS=20 scripts/soak.sh 5
 #   MEMBERSHIP=1 scripts/soak.sh 30
-#   MEMBERSHIP=1 SPARE_IDS=8 scripts/soak.sh 30   # joined nodes behind fault proxies too
+#   MEMBERSHIP=1 SPARE_IDS=0 scripts/soak.sh 30   # joined nodes outside the fault proxies
+#                                                  # (the default gives 8 ids proxies up front)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 minutes=${1:-30}
 fault_secs=${FAULT_SECS:-60}
-export WRAFT_SPARE_IDS=${SPARE_IDS:-0}
+export WRAFT_SPARE_IDS=${SPARE_IDS:-8}
 membership=${MEMBERSHIP:-0}
 cargo build -p wraft --bin wraft -q && bash scripts/build-plugins.sh >/dev/null || exit 1
 cargo build -p wraft-tests --tests -q || exit 1
