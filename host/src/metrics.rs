@@ -44,6 +44,7 @@ pub struct Metrics {
     pub tenant_memory_bytes: IntGaugeVec,
     pub checkpoints: IntCounterVec,
     pub checkpoint_bytes: IntCounterVec,
+    pub checkpoint_seconds: HistogramVec,
     // Wasm, per process: copied from the runtime's own counters at scrape time
     pub wasm_compilations: IntCounter,
     pub wasm_compile_cache_hits: IntCounter,
@@ -183,6 +184,12 @@ impl Metrics {
                 "Bytes of checkpoints written, per tenant.",
                 &["tenant"],
             ),
+            checkpoint_seconds: latency(
+                "tenant_checkpoint_seconds",
+                "Time of a memory-model checkpoint on the apply thread, by phase: the module's \
+                 snapshot, then encoding and writing the record (waiting for a flush included).",
+                &["phase"],
+            ),
             wasm_compilations: counter(
                 "wasm_compilations_total",
                 "Modules compiled (not found in the module cache).",
@@ -252,6 +259,7 @@ impl Metrics {
             Box::new(m.tenant_memory_bytes.clone()),
             Box::new(m.checkpoints.clone()),
             Box::new(m.checkpoint_bytes.clone()),
+            Box::new(m.checkpoint_seconds.clone()),
             Box::new(m.wasm_compilations.clone()),
             Box::new(m.wasm_compile_cache_hits.clone()),
             Box::new(m.grpc_requests.clone()),

@@ -910,6 +910,7 @@ impl Tenant {
     }
 
     fn checkpoint_now(&mut self, env: &Env, at: OpPos) {
+        let started = std::time::Instant::now();
         let snapshot = match self
             .live(env, at)
             .and_then(|i| i.snapshot().map_err(|e| (e, true)))
@@ -923,6 +924,10 @@ impl Tenant {
                 return;
             }
         };
+        METRICS
+            .checkpoint_seconds
+            .with_label_values(&["snapshot"])
+            .observe(started.elapsed().as_secs_f64());
         if let Err(err) = self.write_checkpoint(env, at, Some(snapshot), None) {
             tracing::error!(tenant = %self.name, %err, "writing a checkpoint failed; keeping the previous one");
         }
@@ -935,10 +940,15 @@ impl Tenant {
         snapshot: Option<Vec<u8>>,
         wasm: Option<&[u8]>,
     ) -> Result<(), crate::storage::StorageError> {
+        let started = std::time::Instant::now();
         let record = self.checkpoint_record(at, snapshot, true).encode_to_vec();
         let hash = self.module.hash_hex();
         env.store
             .put_checkpoint(&self.name, &record, wasm.map(|w| (hash.as_str(), w)))?;
+        METRICS
+            .checkpoint_seconds
+            .with_label_values(&["write"])
+            .observe(started.elapsed().as_secs_f64());
         self.checkpoint = at;
         self.ops_since_checkpoint = 0;
         self.bytes_since_checkpoint = 0;
