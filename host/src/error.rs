@@ -62,6 +62,9 @@ pub enum Error {
     Superseded { index: u64 },
     #[error("the node is overloaded ({0}); retry later")]
     Busy(&'static str),
+    /// A tenant's queries are held off on this node for a while (see `apply/tenant.rs`).
+    #[error("{0}")]
+    Paused(String),
     #[error("timed out after {0:?} waiting for the command to apply; it may still be applied")]
     Timeout(Duration),
     #[error("timed out after {0:?} waiting to confirm leadership for a read")]
@@ -109,7 +112,7 @@ impl Error {
             Error::NoLeader(_) | Error::NotLeader { .. } | Error::Dropped(_) => Code::Unavailable,
             Error::ShuttingDown | Error::Interrupted | Error::LeaderChanged => Code::Unavailable,
             Error::Superseded { .. } => Code::Aborted,
-            Error::Busy(_) => Code::ResourceExhausted,
+            Error::Busy(_) | Error::Paused(_) => Code::ResourceExhausted,
             Error::Timeout(_) | Error::ReadTimeout(_) => Code::DeadlineExceeded,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Forward { outcome, .. } => match outcome {

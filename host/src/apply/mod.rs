@@ -732,10 +732,17 @@ impl ApplyStage {
             log_floor: self.log_floor,
         };
         let answer = match self.tenants.get_mut(&task.tenant) {
-            Some(tenant) => Ok(Applied {
-                index: self.applied,
-                outcome: tenant.query(&env, self.applied, &task.query),
-            }),
+            Some(tenant) => match tenant.queries_paused_for() {
+                Some((left, bytes)) => Err(Error::Paused(format!(
+                    "tenant `{}`: its queries are paused on this node for another {} ms: one trapped, and rebuilding its state ({bytes} bytes of memory) holds the apply thread that every tenant shares; retry later",
+                    task.tenant,
+                    left.as_millis(),
+                ))),
+                None => Ok(Applied {
+                    index: self.applied,
+                    outcome: tenant.query(&env, self.applied, &task.query),
+                }),
+            },
             None => Err(Error::UnknownTenant(task.tenant)),
         };
         let _ = task.reply.send(answer);

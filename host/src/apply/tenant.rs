@@ -203,6 +203,10 @@ pub struct Tenant {
     rebuild_base: Option<TenantCheckpoint>,
     /// Traps since the stored checkpoint (see [`TRAPS_PER_STORED_CHECKPOINT`]).
     traps_since_checkpoint: u32,
+    /// Set when a query trapped: this node refuses the tenant's queries until then (see
+    /// [`query_pause`]), with the instance's memory size at the trap. Local, like queries:
+    /// commands are never refused by it.
+    queries_paused_until: Option<(std::time::Instant, u64)>,
     /// 1 at the first deploy, +1 at every successful upgrade.
     version: u64,
     /// The timestamp of the last op that reached the module: the context's clock never goes
@@ -231,6 +235,17 @@ const CHECKPOINT_MAX_OPS: u64 = 100_000;
 /// at a restart meets every trap since the stored checkpoint again and starts over from the
 /// checkpoint at each, so this bounds how many times it does.
 const TRAPS_PER_STORED_CHECKPOINT: u32 = 8;
+
+/// How long a tenant's queries are refused on a node after one trapped. A trapping query
+/// leaves the instance to be rebuilt (a restore of the whole state) on the apply thread that
+/// every tenant of the node shares, and queries need no consensus, so a client could have
+/// them trap back to back. Pausing for nine times the rebuild's estimated cost (at 200 MB/s,
+/// about what a 40 MB state took here) keeps trapping queries under a tenth of the thread;
+/// at least a quarter of a second.
+pub(super) fn query_pause(state_bytes: u64) -> std::time::Duration {
+    let rebuild = std::time::Duration::from_secs_f64(state_bytes as f64 / 200e6);
+    (rebuild * 9).max(std::time::Duration::from_millis(250))
+}
 
 /// Whether a memory-model tenant is due a checkpoint (see [`CHECKPOINT_MIN_OPS`]).
 pub(super) fn checkpoint_due(ops_since: u64, bytes_since: u64, checkpoint_bytes: u64) -> bool {
@@ -273,6 +288,7 @@ impl Tenant {
             checkpoint_bytes: 0,
             rebuild_base: None,
             traps_since_checkpoint: 0,
+            queries_paused_until: None,
             version: 1,
             last_timestamp_ms: meta.timestamp_ms,
             history,
@@ -581,6 +597,7 @@ impl Tenant {
             checkpoint_bytes,
             rebuild_base: None,
             traps_since_checkpoint: 0,
+            queries_paused_until: None,
             version: cp.version,
             last_timestamp_ms: cp.last_timestamp_ms,
             history: cp.history,
@@ -873,6 +890,9 @@ impl Tenant {
                 Ok(out) => OpOutcome::Output(out),
                 Err(err) => {
                     if err.poisons_instance() {
+                        let bytes = instance.memory_bytes();
+                        let until = std::time::Instant::now() + query_pause(bytes);
+                        self.queries_paused_until = Some((until, bytes));
                         self.instance = None;
                     }
                     OpOutcome::from_call_error(&err)
@@ -880,6 +900,14 @@ impl Tenant {
             },
             Err((err, _)) => OpOutcome::from_call_error(&err),
         }
+    }
+
+    /// While a trapped query's pause lasts: how much of it is left, and the instance's memory
+    /// size at the trap.
+    pub fn queries_paused_for(&self) -> Option<(std::time::Duration, u64)> {
+        let (until, bytes) = self.queries_paused_until?;
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        (!left.is_zero()).then_some((left, bytes))
     }
 
     /// The module's snapshot of the current state.

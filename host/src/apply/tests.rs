@@ -188,6 +188,11 @@ impl Harness {
     }
 
     fn query(&self, query: &[u8]) -> OpOutcome {
+        self.query_raw(query).unwrap().outcome
+    }
+
+    /// Like [`Harness::query`], but returns what the stage answered, errors included.
+    fn query_raw(&self, query: &[u8]) -> Result<Applied, Error> {
         let (reply, answer) = oneshot::channel();
         self.inbox
             .send(ApplyInput::Query(QueryTask {
@@ -197,7 +202,7 @@ impl Harness {
                 reply,
             }))
             .unwrap();
-        answer.blocking_recv().unwrap().unwrap().outcome
+        answer.blocking_recv().unwrap()
     }
 
     fn digest(&self) -> String {
@@ -350,9 +355,18 @@ fn a_trapping_query_is_repaired_locally_and_changes_nothing() {
     assert_eq!(h.commit(vec![cmd("a")]), vec![output(2)]);
     let digest = h.digest();
     assert!(is_trap(&h.query(b"t")), "the hostile query traps");
+    // This node now holds the tenant's queries off for a while (at least 250 ms), so that
+    // trapping queries cannot keep the apply thread rebuilding.
+    match h.query_raw(b"get") {
+        Err(Error::Paused(message)) => assert!(
+            message.contains("tenant `t`") && message.contains("paused"),
+            "{message}"
+        ),
+        other => panic!("expected the tenant's queries paused, got {other:?}"),
+    }
     // Memory was set to 999 before the trap; the repair rebuilt the state from the checkpoint
-    // and the log, so the next query and the next apply see 2.
-    assert_eq!(h.counter(), 2);
+    // and the log, so the state is as before and the next apply sees 2. Commands are never
+    // paused.
     assert_eq!(h.digest(), digest);
     assert_eq!(h.commit(vec![cmd("a")]), vec![output(3)]);
     h.stop();
@@ -802,4 +816,18 @@ fn traps_keep_their_checkpoints_in_memory_and_store_every_eighth() {
     h.replay();
     assert_eq!(h.counter(), 8);
     h.stop();
+}
+
+#[test]
+fn a_trapped_query_pauses_queries_for_nine_times_the_rebuild() {
+    use super::tenant::query_pause;
+    use std::time::Duration;
+    assert_eq!(
+        query_pause(0),
+        Duration::from_millis(250),
+        "at least a quarter second"
+    );
+    assert_eq!(query_pause(1 << 20), Duration::from_millis(250));
+    // 40 MB rebuilds in about 0.2 s at 200 MB/s: paused for 1.8 s.
+    assert_eq!(query_pause(40_000_000), Duration::from_millis(1800));
 }
