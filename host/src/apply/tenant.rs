@@ -761,61 +761,45 @@ impl Tenant {
             Err((err, _)) => OpOutcome::from_call_error(&err),
         };
         self.record_session(cmd, &outcome, at.0);
-        match &outcome {
+        self.count_outcome(at, &outcome);
+        if self.count_op(cmd) {
+            self.checkpoint_now(env, at);
+        }
+        outcome
+    }
+
+    /// Counts a failed op in the metrics; a successful one marks the tenant changed at `at`.
+    fn count_outcome(&mut self, at: OpPos, outcome: &OpOutcome) {
+        match outcome {
             OpOutcome::Output(_) => self.last_index = at.0,
             OpOutcome::Failed { kind, .. } => METRICS
                 .traps
                 .with_label_values(&[self.name.as_str(), kind.as_str_name()])
                 .inc(),
         }
+    }
+
+    /// Counts an applied memory-model op since the checkpoint; true when a checkpoint is due.
+    fn count_op(&mut self, cmd: &Command) -> bool {
         self.ops_since_checkpoint += 1;
         self.bytes_since_checkpoint += cmd.encoded_len() as u64;
-        if checkpoint_due(
+        checkpoint_due(
             self.ops_since_checkpoint,
             self.bytes_since_checkpoint,
             self.checkpoint_bytes,
-        ) {
-            self.checkpoint_now(env, at);
-        }
-        outcome
+        )
     }
 
     /// After a trap at `at`, once the state is rebuilt up to it: the next rebuild starts
     /// here, from a checkpoint kept in memory, or from a stored one when one is due anyway or
     /// after [`TRAPS_PER_STORED_CHECKPOINT`] traps.
     fn after_trap(&mut self, env: &Env, at: OpPos, cmd: &Command, outcome: &OpOutcome) {
-        if let OpOutcome::Failed { kind, .. } = outcome {
-            METRICS
-                .traps
-                .with_label_values(&[self.name.as_str(), kind.as_str_name()])
-                .inc();
-        }
-        self.ops_since_checkpoint += 1;
-        self.bytes_since_checkpoint += cmd.encoded_len() as u64;
+        self.count_outcome(at, outcome);
         self.traps_since_checkpoint += 1;
-        if self.traps_since_checkpoint >= TRAPS_PER_STORED_CHECKPOINT
-            || checkpoint_due(
-                self.ops_since_checkpoint,
-                self.bytes_since_checkpoint,
-                self.checkpoint_bytes,
-            )
-        {
+        if self.count_op(cmd) || self.traps_since_checkpoint >= TRAPS_PER_STORED_CHECKPOINT {
             self.checkpoint_now(env, at);
-            return;
-        }
-        match self
-            .live(env, at)
-            .and_then(|i| i.snapshot().map_err(|e| (e, true)))
-        {
-            Ok(snapshot) => {
-                self.rebuild_base = Some(self.checkpoint_record(at, Some(snapshot), true));
-            }
-            Err((err, poisoned)) => {
-                if poisoned {
-                    self.instance = None;
-                }
-                tracing::warn!(tenant = %self.name, %err, "snapshot after a trap failed; the next rebuild starts from an earlier checkpoint");
-            }
+        } else if let Some(snapshot) = self.snapshot_at(env, at, "a checkpoint in memory") {
+            self.rebuild_base = Some(self.checkpoint_record(at, Some(snapshot), true));
         }
     }
 
@@ -840,13 +824,7 @@ impl Tenant {
             Err(err) => (OpOutcome::from_call_error(&err), WriteSet::new()),
         };
         self.record_session(cmd, &outcome, at.0);
-        match &outcome {
-            OpOutcome::Output(_) => self.last_index = at.0,
-            OpOutcome::Failed { kind, .. } => METRICS
-                .traps
-                .with_label_values(&[self.name.as_str(), kind.as_str_name()])
-                .inc(),
-        }
+        self.count_outcome(at, &outcome);
         let client = (!cmd.client_id.is_empty()).then_some(cmd.client_id.as_str());
         if let Err(err) = self.commit_store_session(env, at, false, &writes, client, false, None) {
             tracing::error!(tenant = %self.name, index = at.0, %err, "committing a store-model op failed");
@@ -937,20 +915,28 @@ impl Tenant {
         }
     }
 
-    fn checkpoint_now(&mut self, env: &Env, at: OpPos) {
-        let started = std::time::Instant::now();
-        let snapshot = match self
+    /// The module's snapshot of the state up to `at`, for `purpose`; `None` (logged) if the
+    /// module failed to give one, which keeps the previous checkpoint.
+    fn snapshot_at(&mut self, env: &Env, at: OpPos, purpose: &str) -> Option<Vec<u8>> {
+        match self
             .live(env, at)
             .and_then(|i| i.snapshot().map_err(|e| (e, true)))
         {
-            Ok(s) => s,
+            Ok(snapshot) => Some(snapshot),
             Err((err, poisoned)) => {
                 if poisoned {
                     self.instance = None;
                 }
-                tracing::warn!(tenant = %self.name, %err, "snapshot for a checkpoint failed; keeping the previous checkpoint");
-                return;
+                tracing::warn!(tenant = %self.name, %err, "snapshot for {purpose} failed; keeping the previous checkpoint");
+                None
             }
+        }
+    }
+
+    fn checkpoint_now(&mut self, env: &Env, at: OpPos) {
+        let started = std::time::Instant::now();
+        let Some(snapshot) = self.snapshot_at(env, at, "a checkpoint") else {
+            return;
         };
         METRICS
             .checkpoint_seconds
