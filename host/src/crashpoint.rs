@@ -6,8 +6,10 @@
 //! The points, in the order a node meets them:
 //! - `join-asking`: a node started with `--join` recorded its identity and is about to ask the
 //!   cluster to add it.
+//! - `checkpoint-unlogged`: a checkpoint too large for the WAL is in RocksDB's memtable and
+//!   nowhere else (lost by a crash here).
 //! - `compaction-checkpointed`: the apply stage checkpointed every tenant for a compaction,
-//!   before the Raft loop drops the log.
+//!   before it waits for them to be durable and the Raft loop drops the log.
 //! - `compacted`: the Raft loop dropped the log up to the compaction point.
 //! - `snapshot-sending`: a leader is half-way through streaming a snapshot.
 //! - `snapshot-receiving`: a follower has received the first chunk of a snapshot (of several).

@@ -2,7 +2,8 @@
 //! and back under writes; a learner with an empty disk catches up from a snapshot of 100,000
 //! keys sent in many small chunks; the leader is removed; a wiped member is refused; and
 //! `kill -9` (crash points armed by `WRAFT_CRASH_AT`, so each phase is hit for sure) during a
-//! snapshot transfer, a snapshot install, a compaction and a conf change loses nothing.
+//! snapshot transfer, a snapshot install, a compaction (with a state small enough for the WAL,
+//! and one checkpointed past it) and a conf change loses nothing.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,15 +50,28 @@ async fn put_many(
     count: usize,
     workers: usize,
 ) -> BTreeMap<String, String> {
+    put_many_padded(cluster, via, prefix, count, workers, "").await
+}
+
+/// [`put_many`] with `pad` appended to every value, to make a large state quickly.
+async fn put_many_padded(
+    cluster: &Cluster,
+    via: &[u64],
+    prefix: &str,
+    count: usize,
+    workers: usize,
+    pad: &str,
+) -> BTreeMap<String, String> {
     let mut tasks = JoinSet::new();
     for w in 0..workers {
         let mut client = cluster.client(via[w % via.len()]);
         let prefix = prefix.to_string();
+        let pad = pad.to_string();
         tasks.spawn(async move {
             let mut acked = Vec::new();
             for i in (w..count).step_by(workers) {
                 let key = format!("{prefix}{i:06}");
-                let value = format!("v{i}");
+                let value = format!("v{i}{pad}");
                 let cmd = json!({"op":"put","key":key,"value":value});
                 let request =
                     wraft_tests::cluster::exec_request("kv", cmd.to_string().into_bytes(), "", 0);
@@ -298,6 +312,70 @@ async fn kill_during_snapshot_transfer_and_install_loses_nothing() {
     cluster.wait_applied(four, commit).await;
     cluster.wait_digests_agree(&[1, 2, 3, four], "kv", 0).await;
     assert_all_present(&cluster, four, &acked).await;
+}
+
+/// A state over a MiB is checkpointed past RocksDB's WAL: `kill -9` right after such a
+/// checkpoint is written loses it (the node replays from the one before), and `kill -9` right
+/// after the compaction it allowed must find it on disk (the log it would replay is gone). One
+/// node, so no peer can hide a loss by sending a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kills_around_checkpoints_past_the_wal_lose_nothing() {
+    let cluster = compacting_cluster(1, 50).await;
+    cluster.deploy(1, "kv", "kv").await;
+    // 1,500 values of 1 KiB: about 1.5 MB of state, over the storage's 1 MiB threshold.
+    let pad = "p".repeat(1024);
+    let mut acked = put_many_padded(&cluster, &[1], "big", 1500, 16, &pad).await;
+    assert_eq!(
+        acked.len(),
+        1500,
+        "every put is acknowledged on a healthy node"
+    );
+
+    let mut next = 0u64;
+    for point in [
+        "checkpoint-unlogged",
+        "compaction-checkpointed",
+        "compacted",
+    ] {
+        cluster.kill(1).await;
+        cluster.restart_with_env(1, &[("WRAFT_CRASH_AT", point)]);
+        // Replay at startup may reach the point before there is a leader to write to.
+        wait_until(SLOW, "node 1 to lead or to crash", || async {
+            match cluster.status(1).await {
+                Ok(status) if status.leader_id == 1 => Ok(()),
+                _ if !cluster.is_running(1) => Ok(()),
+                _ => Err("node 1 runs without leading".to_string()),
+            }
+        })
+        .await;
+        // Write until the node reaches the crash point (it compacts every 50 entries, and
+        // every compaction checkpoints the large tenant). The put the crash interrupts has
+        // no answer and is not counted.
+        let deadline = tokio::time::Instant::now() + SLOW;
+        while cluster.is_running(1) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the node never reached {point}"
+            );
+            let key = format!("after{next:06}");
+            let value = format!("a{next}{pad}");
+            next += 1;
+            let put = json!({"op":"put","key":key,"value":value});
+            if let ExecOutcome::Ok { .. } = cluster.exec(1, "kv", &put).await {
+                acked.insert(key, value);
+            }
+        }
+        assert!(
+            cluster
+                .log(1)
+                .contains(&format!("crash point `{point}` reached")),
+            "the node stopped at {point}"
+        );
+        cluster.restart(1);
+    }
+
+    cluster.leader().await;
+    assert_all_present(&cluster, 1, &acked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -343,8 +343,9 @@ impl ApplyStage {
 
     /// Checkpoints every tenant changed since its last checkpoint at the last applied op, so
     /// every tenant's checkpoint covers all its ops up to `applied`, then lets the Raft loop
-    /// drop the log up to there. The checkpoints are written first and RocksDB's log is
-    /// ordered: a compaction that survives a crash implies the checkpoints did.
+    /// drop the log up to there. The checkpoints are durable first: those written past the
+    /// WAL are flushed and waited for, and RocksDB's log is ordered for the rest, so a
+    /// compaction that survives a crash implies the checkpoints did.
     fn checkpoint_for_compaction(&mut self) {
         self.entries_since_compaction = 0;
         if self.halted.is_some() || self.applied <= self.log_floor {
@@ -361,6 +362,10 @@ impl ApplyStage {
             tenant.checkpoint_if_dirty(&env, at);
         }
         crate::crashpoint::hit("compaction-checkpointed");
+        if let Err(err) = self.store.make_checkpoints_durable() {
+            tracing::error!(%err, "flushing checkpoints for a compaction failed; the log is kept");
+            return;
+        }
         // A tenant whose checkpoint failed (its `snapshot` trapped) still needs the log from
         // its last checkpoint's entry on: compact no further, or its ops would be lost.
         let mut index = self.applied;

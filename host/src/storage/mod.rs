@@ -18,6 +18,8 @@
 //!   every later open with another identity is refused.
 //! - Everything raft needs persisted before messages leave (entries, hard state) is written in one
 //!   `WriteBatch`, fsync'd when asked.
+//! - Only a large checkpoint is written past the WAL, and it is flushed before the log it
+//!   would replay may be dropped ([`StateStore::make_checkpoints_durable`]).
 //! - No stored entry lies above the cached last index: appending at index i removes every stored
 //!   entry at index >= i first (a conflicting suffix must go).
 

@@ -11,14 +11,23 @@
 //! Modules are never deleted here: several tenants may share one, and which are unused is only
 //! known to the apply stage.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use raft::eraftpb::Entry;
-use rocksdb::{ColumnFamily, Direction, FlushOptions, IteratorMode, WriteBatch, DB};
+use rocksdb::{ColumnFamily, Direction, FlushOptions, IteratorMode, WriteBatch, WriteOptions, DB};
 
 use super::keys::{self, CF_LOG, CF_META, CF_STATE, CHECKPOINT_PREFIX, META_STATE_GEN};
 use super::raft_log::read_entries;
 use super::{cf, StorageError};
+
+/// A checkpoint at least this large, written without a module, bypasses RocksDB's WAL (see
+/// [`StateStore::put_checkpoint`]). Below it the WAL costs next to nothing and keeps a
+/// checkpoint across `kill -9`; above it, writing the state a second time into the WAL held the
+/// apply thread (a 40 MB state: 86 ms a checkpoint, against 35 ms without) and made the Raft
+/// thread's next synced write flush the whole state (BENCHMARKS.md, "Large checkpoints past
+/// the WAL").
+pub const UNLOGGED_CHECKPOINT_BYTES: usize = 1 << 20;
 
 /// The apply stage's handle: checkpoints, modules, and read-only access to the log for replay.
 /// Cheap to clone; all clones share the database.
@@ -26,11 +35,17 @@ use super::{cf, StorageError};
 pub struct StateStore {
     pub(super) db: Arc<DB>,
     generation: u64,
+    /// Set by a checkpoint written past the WAL, cleared once a flush has made it durable.
+    unlogged: Arc<AtomicBool>,
 }
 
 impl StateStore {
     pub(super) fn new(db: Arc<DB>, generation: u64) -> Self {
-        StateStore { db, generation }
+        StateStore {
+            db,
+            generation,
+            unlogged: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     pub(super) fn key(&self, key: &[u8]) -> Vec<u8> {
@@ -142,6 +157,12 @@ impl StateStore {
     /// Not fsync'd: a lost checkpoint falls back to the previous one plus the log, which is
     /// synced. `module` is `(sha256 hex, bytes)`; the hash must be 64 lowercase hex digits, the
     /// form `hex::encode` gives, so one module has one key.
+    ///
+    /// A checkpoint of [`UNLOGGED_CHECKPOINT_BYTES`] or more without a module skips the WAL and
+    /// asks for a flush without waiting for it: until that flush ends, a crash loses it (the
+    /// previous checkpoint and the log replay to the same state), and nothing may rely on it
+    /// surviving before [`StateStore::make_checkpoints_durable`] returns. A write with a module
+    /// (a deploy, an upgrade) always goes through the WAL: the tenant's version is in it.
     pub fn put_checkpoint(
         &self,
         tenant: &str,
@@ -156,8 +177,35 @@ impl StateStore {
         }
         batch.put_cf(state, self.key(&keys::checkpoint_key(tenant)), checkpoint);
         self.make_room(state)?;
-        self.db.write(batch)?;
+        if module.is_some() || checkpoint.len() < UNLOGGED_CHECKPOINT_BYTES {
+            self.db.write(batch)?;
+            return Ok(());
+        }
+        let mut unlogged = WriteOptions::default();
+        unlogged.disable_wal(true);
+        self.unlogged.store(true, Ordering::Release);
+        self.db.write_opt(batch, &unlogged)?;
+        crate::crashpoint::hit("checkpoint-unlogged");
         Ok(())
+    }
+
+    /// Returns once every checkpoint written past the WAL is on disk (flushing `state` and
+    /// waiting, if one may not be yet): what must precede dropping the log it would replay.
+    pub fn make_checkpoints_durable(&self) -> Result<(), StorageError> {
+        if !self.unlogged.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let mut flush = FlushOptions::default();
+        flush.set_wait(true);
+        let flushed = cf(&self.db, CF_STATE).and_then(|state| {
+            self.db
+                .flush_cf_opt(state, &flush)
+                .map_err(StorageError::from)
+        });
+        if flushed.is_err() {
+            self.unlogged.store(true, Ordering::Release);
+        }
+        flushed
     }
 
     /// Waits, before a write to `state`, until no memtable of the family waits for a flush.
