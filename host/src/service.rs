@@ -319,6 +319,29 @@ impl ClientService {
             .unwrap_or_default()
     }
 
+    /// Refuses a command for a tenant whose traps have cost this node's apply thread more
+    /// than their share, until that is paid back (see `TrapBudget` in `apply/tenant.rs`).
+    fn check_commands_taken(&self, tenant: &str) -> Result<(), Error> {
+        let until = self
+            .ctx
+            .view
+            .read()
+            .ok()
+            .and_then(|v| v.tenants.get(tenant).and_then(|t| t.commands_refused_until));
+        let left = until.map_or(Duration::ZERO, |u| {
+            u.saturating_duration_since(std::time::Instant::now())
+        });
+        if left.is_zero() {
+            return Ok(());
+        }
+        Err(Error::Paused(format!(
+            "tenant `{tenant}`: this node takes no new commands for it for another {} ms: \
+             recovering from its traps (a restore of its whole state each) has taken more than \
+             its share of the apply thread that every tenant shares; retry later",
+            left.as_millis().max(1)
+        )))
+    }
+
     fn tenant_exists(&self, tenant: &str) -> bool {
         self.ctx
             .view
@@ -593,6 +616,7 @@ impl ClientService {
                 }
             }
         }
+        self.check_commands_taken(&req.tenant)?;
         let tenant = req.tenant.clone();
         let applied = self
             .propose(

@@ -17,7 +17,10 @@
 //! - a trap in `snapshot` (an upgrade must take the running version's snapshot) and a trap in
 //!   the new version's `restore`: the upgrade fails (FAILED_PRECONDITION) and the tenant stays on
 //!   its version with its state; so does a migration (`wraft_migrate`) that traps;
-//! - a trap in `snapshot` at compaction: every acknowledged op of the tenant survives.
+//! - a trap in `snapshot` at compaction: every acknowledged op of the tenant survives;
+//! - (a test of its own) a tenant with 8 MB of state whose commands trap in a loop: the nodes
+//!   take no new commands for it once recovering from its traps passes its share of the apply
+//!   thread, a neighbour goes on being served, and then it is served again.
 //!
 //! After each case a write to the healthy tenant through a follower and through the leader
 //! succeeds, the background writer has made progress and no node process exited. At the end
@@ -647,6 +650,125 @@ impl Ctx<'_> {
         assert_eq!(n, 2, "inc on {tenant} after the hostile op");
         expect_n_everywhere(self.cluster, tenant, index, 2).await;
         self.end().await;
+    }
+}
+
+/// A module whose state is 8 MB, so that recovering from a trap (a restore of the whole state)
+/// costs the apply thread milliseconds. The state is at 65537.. (its first 8 bytes a counter);
+/// replies at 2000. Command `f` fills the state, `t` traps, anything else adds 1 to the
+/// counter; every reply but the trap's is the counter.
+const LARGE_TRAPPING: &str = r#"(module
+  (memory (export "memory") 300)
+  (func (export "wraft_abi_v1"))
+  (func (export "wraft_alloc") (param i32) (result i32) (i32.const 9000000))
+  (func $counter (result i64)
+    (i32.store8 (i32.const 2000) (i32.const 0))
+    (i64.store (i32.const 2001) (i64.load (i32.const 65537)))
+    (i64.const 0x7d000000009))
+  (func $fill (local $p i32) (local $x i64)
+    (local.set $p (i32.const 65545))
+    (local.set $x (i64.const 88172645463325252))
+    (block $done (loop $next
+      (br_if $done (i32.ge_u (local.get $p) (i32.const 8065537)))
+      (local.set $x (i64.add (i64.mul (local.get $x) (i64.const 6364136223846793005))
+                             (i64.const 1442695040888963407)))
+      (i64.store (local.get $p) (local.get $x))
+      (local.set $p (i32.add (local.get $p) (i32.const 8)))
+      (br $next))))
+  (func (export "wraft_apply") (param $ptr i32) (param $len i32) (result i64)
+    (i64.store (i32.const 65537) (i64.add (i64.load (i32.const 65537)) (i64.const 1)))
+    (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 116)) (then unreachable))
+    (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 102)) (then (call $fill)))
+    (call $counter))
+  (func (export "wraft_query") (param $ptr i32) (param $len i32) (result i64)
+    (call $counter))
+  (func (export "wraft_snapshot") (result i64)
+    (i32.store8 (i32.const 65536) (i32.const 0))
+    (i64.const 0x10000007a1201))
+  (func (export "wraft_restore") (param $ptr i32) (param $len i32) (result i64)
+    (memory.copy (i32.const 65537) (local.get $ptr) (local.get $len))
+    (i32.store8 (i32.const 2000) (i32.const 0))
+    (i64.const 0x7d000000001))
+)"#;
+
+/// A client looping on a command that traps makes every node restore the tenant's whole state
+/// each time, on the apply thread all tenants share. Once those recoveries pass their share of
+/// the thread, a node takes no new commands for that tenant for a while (a definite
+/// RESOURCE_EXHAUSTED naming it), while a neighbour's commands go on; then it takes them again,
+/// and the replicas agree on its state (the refusals changed nothing in the log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_trapping_past_its_share_is_refused_commands_and_its_neighbour_is_not() {
+    let cluster = Cluster::start(3).await;
+    let leader = cluster.leader().await;
+    cluster.deploy(leader, GOOD, "kv").await;
+    let wasm = wat::parse_str(LARGE_TRAPPING).expect("the large trapping module assembles");
+    if let Err(s) = cluster.deploy_bytes(leader, "big", wasm).await {
+        panic!("deploying the large trapping module: {s:?}");
+    }
+    match exec_applied(&cluster, leader, "big", b"f").await {
+        ExecOutcome::Ok { output, .. } => assert_eq!(counter(&output, "fill"), 1),
+        other => panic!("filling big: {other}"),
+    }
+
+    // Each trap costs a restore of 8 MB, so looping on it passes the share in well under a
+    // thousand traps (about ten on this machine's 2 cores).
+    let mut client = cluster.client(leader);
+    let mut traps = 0;
+    let refusal = loop {
+        assert!(traps < 1000, "{traps} traps in a row were all taken");
+        let request = exec_request("big", b"t".to_vec(), "", 0);
+        match exec_on(&mut client, request, "trapping command").await {
+            out @ ExecOutcome::ModuleError { .. } => {
+                expect_module_error(&out, Kind::Trap, &["unreachable"], "trapping command");
+                traps += 1;
+            }
+            ExecOutcome::Definite(status) => break status,
+            other => panic!("trapping command {traps}: {other}"),
+        }
+    };
+    assert_eq!(refusal.code(), Code::ResourceExhausted, "{refusal:?}");
+    assert!(
+        refusal.message().contains("tenant `big`") && refusal.message().contains("no new commands"),
+        "the refusal should name the tenant and say why: {:?}",
+        refusal.message()
+    );
+
+    // The neighbour is served while big is refused.
+    cluster
+        .exec_ok(
+            leader,
+            GOOD,
+            &json!({"op":"put","key":"beside","value":"traps"}),
+        )
+        .await;
+
+    // big is served again once its recoveries are paid back, with every trap undone.
+    let what = "big to take a command again";
+    let output = wait_until(APPLY_TIMEOUT, what, || async {
+        let request = exec_request("big", b"n".to_vec(), "", 0);
+        match exec_on(&mut cluster.client(leader), request, what).await {
+            ExecOutcome::Ok { output, .. } => Ok(output),
+            ExecOutcome::Definite(s) if s.code() == Code::ResourceExhausted => {
+                Err(s.message().to_string())
+            }
+            other => panic!("{what}: {other}"),
+        }
+    })
+    .await;
+    assert_eq!(
+        counter(&output, "n after the traps"),
+        2,
+        "after {traps} traps"
+    );
+    let (index, _) = cluster
+        .exec_ok(
+            leader,
+            GOOD,
+            &json!({"op":"put","key":"after","value":"traps"}),
+        )
+        .await;
+    if let Err(e) = digests_agree(&cluster, "big", index).await {
+        panic!("the replicas of big differ after the traps: {e}");
     }
 }
 

@@ -149,6 +149,9 @@ pub struct TenantView {
     pub limits: crate::wasm::Limits,
     /// (version, module hash hex, deploy index), oldest first.
     pub history: Vec<(u64, String, u64)>,
+    /// Until when this node takes no new commands for the tenant: its traps have cost the
+    /// apply thread more than their share (see `TrapBudget` in `apply/tenant.rs`).
+    pub commands_refused_until: Option<std::time::Instant>,
 }
 
 pub type SharedView = Arc<RwLock<AppliedView>>;
@@ -848,6 +851,7 @@ impl ApplyStage {
                                 .iter()
                                 .map(|v| (v.version, hex::encode(&v.module_hash), v.index))
                                 .collect(),
+                            commands_refused_until: t.commands_refused_until(),
                         };
                         view.tenants.insert(name, tenant);
                     }

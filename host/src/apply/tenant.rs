@@ -207,6 +207,9 @@ pub struct Tenant {
     /// [`query_pause`]), with the instance's memory size at the trap. Local, like queries:
     /// commands are never refused by it.
     queries_paused_until: Option<(std::time::Instant, u64)>,
+    /// What this node's recoveries from the tenant's command traps have cost: past its
+    /// share, the node takes no new commands for the tenant for a while (see [`TrapBudget`]).
+    trap_budget: TrapBudget,
     /// 1 at the first deploy, +1 at every successful upgrade.
     version: u64,
     /// The timestamp of the last op that reached the module: the context's clock never goes
@@ -245,6 +248,52 @@ const TRAPS_PER_STORED_CHECKPOINT: u32 = 8;
 pub(super) fn query_pause(state_bytes: u64) -> std::time::Duration {
     let rebuild = std::time::Duration::from_secs_f64(state_bytes as f64 / 200e6);
     (rebuild * 9).max(std::time::Duration::from_millis(250))
+}
+
+/// How much of the apply thread, which every tenant of a node shares, one tenant's command
+/// traps may take. Recovering from a trap (a restore of the whole state, a snapshot for the
+/// next rebuild) costs about 0.2 s for a 40 MB state, and a client looping on a trapping
+/// command took 93% of a neighbour's writes (BENCHMARKS.md, "A large tenant that traps").
+///
+/// Each recovery adds nine times its measured cost to a debt that wall time pays back; while
+/// the debt is over [`TrapBudget::BURST`], the node refuses the tenant's new commands
+/// (RESOURCE_EXHAUSTED, with the time left), so recoveries get at most about a tenth of the
+/// thread. A few traps, or traps of a small state, never reach it. This is admission on each
+/// node, not state: commands already in the log apply as they are, on every replica, so the
+/// replicated state stays deterministic. Every replica pays for the same traps, so every one
+/// refuses at about the same time.
+#[derive(Debug, Clone, Default)]
+pub(super) struct TrapBudget {
+    debt: std::time::Duration,
+    settled_at: Option<std::time::Instant>,
+}
+
+impl TrapBudget {
+    /// The debt a tenant may run up before its commands are refused (about 110 ms of trap
+    /// recovery in a burst).
+    pub const BURST: std::time::Duration = std::time::Duration::from_secs(1);
+    /// A recovery that took `t` is paid back over `t * PAYBACK` of wall time.
+    pub const PAYBACK: u32 = 9;
+
+    /// Pays the debt back for the time since the last charge.
+    fn settle(&mut self, now: std::time::Instant) {
+        if let Some(at) = self.settled_at {
+            self.debt = self.debt.saturating_sub(now.saturating_duration_since(at));
+        }
+        self.settled_at = Some(now);
+    }
+
+    /// Records a trap recovery that took `cost`, ending at `now`.
+    pub fn charge(&mut self, cost: std::time::Duration, now: std::time::Instant) {
+        self.settle(now);
+        self.debt = self.debt.saturating_add(cost.saturating_mul(Self::PAYBACK));
+    }
+
+    /// Until when the tenant's commands are refused, if they are (possibly in the past).
+    pub fn refuse_until(&self) -> Option<std::time::Instant> {
+        let over = self.debt.checked_sub(Self::BURST)?;
+        Some(self.settled_at? + over)
+    }
 }
 
 /// Whether a memory-model tenant is due a checkpoint (see [`CHECKPOINT_MIN_OPS`]).
@@ -289,6 +338,7 @@ impl Tenant {
             rebuild_base: None,
             traps_since_checkpoint: 0,
             queries_paused_until: None,
+            trap_budget: TrapBudget::default(),
             version: 1,
             last_timestamp_ms: meta.timestamp_ms,
             history,
@@ -598,6 +648,7 @@ impl Tenant {
             rebuild_base: None,
             traps_since_checkpoint: 0,
             queries_paused_until: None,
+            trap_budget: TrapBudget::default(),
             version: cp.version,
             last_timestamp_ms: cp.last_timestamp_ms,
             history: cp.history,
@@ -744,13 +795,19 @@ impl Tenant {
                         let outcome = OpOutcome::from_call_error(&err);
                         if err.poisons_instance() {
                             tracing::warn!(tenant = %self.name, index = at.0, %err, "apply trapped; rebuilding the tenant from its checkpoint");
+                            let recovery = std::time::Instant::now();
                             self.instance = None;
-                            if self.live(env, at).is_ok() {
+                            let rebuilt = self.live(env, at).is_ok();
+                            if rebuilt {
                                 // The trapped op counts as applied (with its error), clock
                                 // included, as replay will count it.
                                 self.last_timestamp_ms = context.timestamp_ms;
                                 self.record_session(cmd, &outcome, at.0);
                                 self.after_trap(env, at, cmd, &outcome);
+                            }
+                            let now = std::time::Instant::now();
+                            self.trap_budget.charge(now - recovery, now);
+                            if rebuilt {
                                 return outcome;
                             }
                         }
@@ -878,6 +935,12 @@ impl Tenant {
             },
             Err((err, _)) => OpOutcome::from_call_error(&err),
         }
+    }
+
+    /// Until when this node refuses the tenant's new commands (see [`TrapBudget`]), if it
+    /// does or did.
+    pub fn commands_refused_until(&self) -> Option<std::time::Instant> {
+        self.trap_budget.refuse_until()
     }
 
     /// While a trapped query's pause lasts: how much of it is left, and the instance's memory

@@ -831,3 +831,29 @@ fn a_trapped_query_pauses_queries_for_nine_times_the_rebuild() {
     // 40 MB rebuilds in about 0.2 s at 200 MB/s: paused for 1.8 s.
     assert_eq!(query_pause(40_000_000), Duration::from_millis(1800));
 }
+
+#[test]
+fn trap_recoveries_past_their_share_refuse_commands_until_paid_back() {
+    use super::tenant::TrapBudget;
+    use std::time::{Duration, Instant};
+    let t0 = Instant::now();
+    let mut budget = TrapBudget::default();
+    assert_eq!(budget.refuse_until(), None, "no trap, no refusal");
+    // A 100 ms recovery: 900 ms of debt, inside the burst.
+    budget.charge(Duration::from_millis(100), t0);
+    assert_eq!(budget.refuse_until(), None);
+    // 10 ms later a 50 ms one: 890 + 450 = 1,340 ms, 340 over the burst.
+    let t1 = t0 + Duration::from_millis(10);
+    budget.charge(Duration::from_millis(50), t1);
+    assert_eq!(budget.refuse_until(), Some(t1 + Duration::from_millis(340)));
+    // Wall time pays it back: a second later a 1 ms recovery leaves 349 ms, inside again.
+    let t2 = t1 + Duration::from_secs(1);
+    budget.charge(Duration::from_millis(1), t2);
+    assert_eq!(budget.refuse_until(), None);
+    // Cheap traps back to back, each under a ninth of the time between them, never add up.
+    let mut cheap = TrapBudget::default();
+    for i in 0..10_000u64 {
+        cheap.charge(Duration::from_micros(100), t0 + Duration::from_millis(i));
+    }
+    assert_eq!(cheap.refuse_until(), None);
+}
