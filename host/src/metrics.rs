@@ -45,6 +45,7 @@ pub struct Metrics {
     pub checkpoints: IntCounterVec,
     pub checkpoint_bytes: IntCounterVec,
     pub checkpoint_seconds: HistogramVec,
+    pub trap_recovery_seconds: HistogramVec,
     // Wasm, per process: copied from the runtime's own counters at scrape time
     pub wasm_compilations: IntCounter,
     pub wasm_compile_cache_hits: IntCounter,
@@ -190,6 +191,13 @@ impl Metrics {
                  snapshot, then encoding and writing the record (waiting for a flush included).",
                 &["phase"],
             ),
+            trap_recovery_seconds: latency(
+                "trap_recovery_seconds",
+                "Time the apply thread spent recovering a memory-model tenant from a trapped \
+                 command: the rebuild, and the snapshot kept for the next one. What a tenant's \
+                 trap budget is charged.",
+                &[],
+            ),
             wasm_compilations: counter(
                 "wasm_compilations_total",
                 "Modules compiled (not found in the module cache).",
@@ -260,6 +268,7 @@ impl Metrics {
             Box::new(m.checkpoints.clone()),
             Box::new(m.checkpoint_bytes.clone()),
             Box::new(m.checkpoint_seconds.clone()),
+            Box::new(m.trap_recovery_seconds.clone()),
             Box::new(m.wasm_compilations.clone()),
             Box::new(m.wasm_compile_cache_hits.clone()),
             Box::new(m.grpc_requests.clone()),

@@ -806,6 +806,10 @@ impl Tenant {
                                 self.after_trap(env, at, cmd, &outcome);
                             }
                             let now = std::time::Instant::now();
+                            METRICS
+                                .trap_recovery_seconds
+                                .with_label_values::<&str>(&[])
+                                .observe((now - recovery).as_secs_f64());
                             self.trap_budget.charge(now - recovery, now);
                             if rebuilt {
                                 return outcome;
