@@ -203,6 +203,9 @@ pub struct Tenant {
     rebuild_base: Option<TenantCheckpoint>,
     /// Traps since the stored checkpoint (see [`TRAPS_PER_STORED_CHECKPOINT`]).
     traps_since_checkpoint: u32,
+    /// Set by a rebuild that replayed no op onto its checkpoint: the live state is then
+    /// exactly the checkpoint's, whose bytes can serve again (see [`Tenant::after_trap`]).
+    rebuilt_state_is_base: bool,
     /// Set when a query trapped: this node refuses the tenant's queries until then (see
     /// [`query_pause`]), with the instance's memory size at the trap. Local, like queries:
     /// commands are never refused by it.
@@ -337,6 +340,7 @@ impl Tenant {
             checkpoint_bytes: 0,
             rebuild_base: None,
             traps_since_checkpoint: 0,
+            rebuilt_state_is_base: false,
             queries_paused_until: None,
             trap_budget: TrapBudget::default(),
             version: 1,
@@ -349,7 +353,7 @@ impl Tenant {
             // Clears whatever a deleted tenant of the same name left.
             tenant.commit_store(env, at, true, &WriteSet::new(), true, Some(wasm))
         } else {
-            tenant.write_checkpoint(env, at, None, Some(wasm))
+            tenant.write_checkpoint(env, at, None, Some(wasm), false)
         };
         written.map_err(|e| OpOutcome::failed(Kind::Rejected, e.to_string()))?;
         Ok(tenant)
@@ -567,7 +571,7 @@ impl Tenant {
             }
             Model::Memory => {
                 self.instance = Some(next);
-                let written = self.write_checkpoint(env, at, state_out, Some(wasm));
+                let written = self.write_checkpoint(env, at, state_out, Some(wasm), false);
                 if old_model == Model::Store && written.is_ok() {
                     env.store.delete_tenant_data(&self.name)
                 } else {
@@ -647,6 +651,7 @@ impl Tenant {
             checkpoint_bytes,
             rebuild_base: None,
             traps_since_checkpoint: 0,
+            rebuilt_state_is_base: false,
             queries_paused_until: None,
             trap_budget: TrapBudget::default(),
             version: cp.version,
@@ -741,7 +746,7 @@ impl Tenant {
                 self.rebuild_base = None;
                 self.limits = next;
                 self.last_index = at.0;
-                if let Err(err) = self.write_checkpoint(env, at, Some(snapshot), None) {
+                if let Err(err) = self.write_checkpoint(env, at, Some(snapshot), None, false) {
                     tracing::error!(tenant = %self.name, %err, "checkpoint after new limits failed");
                 }
                 OpOutcome::Output(crate::limits::to_stored(&self.limits).encode_to_vec())
@@ -852,15 +857,33 @@ impl Tenant {
     }
 
     /// After a trap at `at`, once the state is rebuilt up to it: the next rebuild starts
-    /// here, from a checkpoint kept in memory, or from a stored one when one is due anyway or
-    /// after [`TRAPS_PER_STORED_CHECKPOINT`] traps.
+    /// here, from a checkpoint kept in memory, also stored when one is due anyway or after
+    /// [`TRAPS_PER_STORED_CHECKPOINT`] traps.
+    ///
+    /// Traps back to back leave the state where the rebuild's checkpoint had it (the rebuild
+    /// replayed nothing onto it), so its bytes are the state at `at` too: they are reused
+    /// rather than asking the module to copy out the whole state again.
     fn after_trap(&mut self, env: &Env, at: OpPos, cmd: &Command, outcome: &OpOutcome) {
         self.count_outcome(at, outcome);
         self.traps_since_checkpoint += 1;
-        if self.count_op(cmd) || self.traps_since_checkpoint >= TRAPS_PER_STORED_CHECKPOINT {
-            self.checkpoint_now(env, at);
-        } else if let Some(snapshot) = self.snapshot_at(env, at, "a checkpoint in memory") {
+        let store =
+            self.count_op(cmd) || self.traps_since_checkpoint >= TRAPS_PER_STORED_CHECKPOINT;
+        let unchanged = std::mem::take(&mut self.rebuilt_state_is_base)
+            .then(|| self.rebuild_base.take())
+            .flatten()
+            .filter(|base| base.has_snapshot)
+            .map(|base| base.snapshot);
+        let snapshot = match unchanged {
+            Some(bytes) => Some(bytes),
+            None => self.snapshot_at(env, at, "a checkpoint after a trap"),
+        };
+        let Some(snapshot) = snapshot else {
+            return;
+        };
+        if !store {
             self.rebuild_base = Some(self.checkpoint_record(at, Some(snapshot), true));
+        } else if let Err(err) = self.write_checkpoint(env, at, Some(snapshot), None, true) {
+            tracing::error!(tenant = %self.name, %err, "writing a checkpoint failed; keeping the previous one");
         }
     }
 
@@ -1009,20 +1032,28 @@ impl Tenant {
             .checkpoint_seconds
             .with_label_values(&["snapshot"])
             .observe(started.elapsed().as_secs_f64());
-        if let Err(err) = self.write_checkpoint(env, at, Some(snapshot), None) {
+        // A tenant that trapped since its last stored checkpoint keeps this one in memory
+        // too, so its next rebuild need not read it back; one that stopped trapping lets go.
+        let keep = self.rebuild_base.is_some() && self.traps_since_checkpoint > 0;
+        if let Err(err) = self.write_checkpoint(env, at, Some(snapshot), None, keep) {
             tracing::error!(tenant = %self.name, %err, "writing a checkpoint failed; keeping the previous one");
         }
     }
 
+    /// Stores the tenant's checkpoint at `at` (with the module's bytes, for a new module).
+    /// `keep_in_memory` also makes it the next rebuild's base: reading back and decoding a
+    /// stored 40 MB checkpoint took 0.7 s of the apply thread.
     fn write_checkpoint(
         &mut self,
         env: &Env,
         at: OpPos,
         snapshot: Option<Vec<u8>>,
         wasm: Option<&[u8]>,
+        keep_in_memory: bool,
     ) -> Result<(), crate::storage::StorageError> {
         let started = std::time::Instant::now();
-        let record = self.checkpoint_record(at, snapshot, true).encode_to_vec();
+        let checkpoint = self.checkpoint_record(at, snapshot, true);
+        let record = checkpoint.encode_to_vec();
         let hash = self.module.hash_hex();
         env.store
             .put_checkpoint(&self.name, &record, wasm.map(|w| (hash.as_str(), w)))?;
@@ -1034,7 +1065,7 @@ impl Tenant {
         self.ops_since_checkpoint = 0;
         self.bytes_since_checkpoint = 0;
         self.checkpoint_bytes = record.len() as u64;
-        self.rebuild_base = None;
+        self.rebuild_base = keep_in_memory.then_some(checkpoint);
         self.traps_since_checkpoint = 0;
         self.metrics.checkpoints.inc();
         self.metrics.checkpoint_bytes.inc_by(self.checkpoint_bytes);
@@ -1100,6 +1131,7 @@ impl Tenant {
             tenant: name.clone(),
             message,
         };
+        self.rebuilt_state_is_base = false;
         let cp = match self.rebuild_base.take() {
             Some(base) => base,
             None => {
@@ -1122,6 +1154,9 @@ impl Tenant {
         // Ops that trapped during replay, with the error they were answered with.
         let mut skip: HashMap<OpPos, OpOutcome> = HashMap::new();
         loop {
+            // Ops the module ran in this pass (skipped and session-answered ones change
+            // nothing).
+            let mut replayed = 0u64;
             let mut instance = env
                 .runtime
                 .instantiate(&self.module, &self.limits)
@@ -1167,6 +1202,7 @@ impl Tenant {
                         break 'replay;
                     };
                     instance.set_context(context);
+                    replayed += 1;
                     let outcome = match instance.apply(&cmd.payload) {
                         Ok(out) => OpOutcome::Output(out),
                         Err(err) if err.poisons_instance() => {
@@ -1181,6 +1217,7 @@ impl Tenant {
             match trapped {
                 None => {
                     self.rebuild_base = Some(cp);
+                    self.rebuilt_state_is_base = replayed == 0;
                     return Ok(());
                 }
                 Some((at, outcome)) => {

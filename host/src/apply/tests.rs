@@ -857,3 +857,42 @@ fn trap_recoveries_past_their_share_refuse_commands_until_paid_back() {
     }
     assert_eq!(cheap.refuse_until(), None);
 }
+
+#[test]
+fn traps_back_to_back_reuse_their_checkpoint_and_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (deploy, _) = trappy_deploy(crate::wasm::ENGINE);
+    let mut h = start(dir.path());
+    h.commit(vec![deploy]);
+    let mut n = 0;
+    // Runs of traps between successful commands: a run's first trap rebuilds over the command
+    // before it, the others over nothing (their state is their checkpoint's, reused as is).
+    // Reusing it after the first would lose that command.
+    for run in 1..=6 {
+        n += 1;
+        assert_eq!(h.commit(vec![cmd("a")]), vec![output(n)]);
+        for _ in 0..run {
+            assert!(is_trap(&h.commit(vec![cmd("t")])[0]));
+        }
+        n += 1;
+        assert_eq!(
+            h.commit(vec![cmd("a")]),
+            vec![output(n)],
+            "after {run} traps in a row"
+        );
+    }
+    // The same within one entry.
+    let out = h.commit(vec![cmd("t"), cmd("t"), cmd("a"), cmd("t"), cmd("a")]);
+    assert!(
+        is_trap(&out[0]) && is_trap(&out[1]) && is_trap(&out[3]),
+        "{out:?}"
+    );
+    assert_eq!((&out[2], &out[4]), (&output(n + 1), &output(n + 2)));
+    n += 2;
+    // 24 traps: three of them stored a checkpoint (every eighth), kept in memory as well.
+    h.crash();
+    let h = start(dir.path());
+    h.replay();
+    assert_eq!(h.counter(), n, "replay reaches the same state");
+    h.stop();
+}
