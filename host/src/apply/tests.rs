@@ -703,8 +703,8 @@ fn limits_are_replicated_config_that_survives_a_restart() {
     h.stop();
 }
 
-/// TRAPPY with a 64 KiB snapshot (the counter, then zeros): a state large enough that its
-/// checkpoints wait for more commands than the 1,000 ops a small state waits for.
+/// TRAPPY with a 128 KiB snapshot (the counter, then zeros): a state large enough that its
+/// checkpoints wait for more commands than the 10,000 ops a small state waits for.
 fn large_state_wat() -> String {
     let small = r#"(func (export "wraft_snapshot") (result i64)
     (i64.store (i32.const 3001) (i64.load (i32.const 0)))
@@ -713,11 +713,11 @@ fn large_state_wat() -> String {
     let large = r#"(func (export "wraft_snapshot") (result i64)
     (i64.store (i32.const 4097) (i64.load (i32.const 0)))
     (i32.store8 (i32.const 4096) (i32.const 0))
-    (i64.or (i64.shl (i64.const 4096) (i64.const 32)) (i64.const 65537)))"#;
+    (i64.or (i64.shl (i64.const 4096) (i64.const 32)) (i64.const 131073)))"#;
     assert!(TRAPPY.contains(small));
     TRAPPY.replace(small, large).replace(
         r#"(memory (export "memory") 1)"#,
-        r#"(memory (export "memory") 2)"#,
+        r#"(memory (export "memory") 3)"#,
     )
 }
 
@@ -729,31 +729,34 @@ fn a_large_state_is_checkpointed_by_size_and_replays_to_the_same_state() {
         let mut h = start(dir.path());
         h.commit(vec![deploy_wat(wat)]);
         let deployed_at = h.raft.hard_state().commit;
-        // 2,400 one-op entries of 1-byte commands (3 bytes encoded): about 7 KB in all.
-        let answers = h.commit_batch(vec![vec![cmd("a")]; 2400]);
+        // 24,000 one-op entries of 1-byte commands (3 bytes encoded): about 70 KB in all.
+        let answers = h.commit_batch(vec![vec![cmd("a")]; 24_000]);
         let last = answers.into_iter().flatten().last().unwrap();
-        assert_eq!(last.blocking_recv().unwrap().unwrap().outcome, output(2400));
+        assert_eq!(
+            last.blocking_recv().unwrap().unwrap().outcome,
+            output(24_000)
+        );
         h.crash();
 
         let mut h = start(dir.path());
-        // The first checkpoint comes after 1,000 ops whatever the size (the size is not known
-        // before it). After it a 9-byte state is checkpointed every 1,000 ops, and a 64 KiB
-        // one waits for 32 KiB of commands. Replay starts at the last checkpoint's entry
-        // (`replay_from` is the entry before it).
+        // The first checkpoint comes after 10,000 ops whatever the size (the size is not known
+        // before it). After it a 9-byte state is checkpointed every 10,000 ops, and a 128 KiB
+        // one waits for 64 KiB of commands (21,846 ops). Replay starts at the last
+        // checkpoint's entry (`replay_from` is the entry before it).
         assert_eq!(
             h.replay_from,
-            deployed_at + checkpoints * 1000 - 1,
+            deployed_at + checkpoints * 10_000 - 1,
             "checkpoints expected: {checkpoints}"
         );
         h.replay();
         assert_eq!(
             h.counter(),
-            2400,
+            24_000,
             "replay after a crash gives the same state"
         );
         // A trap rebuilds from the checkpoint through every op since: none may be lost.
         assert!(is_trap(&h.commit(vec![cmd("t")])[0]));
-        assert_eq!(h.commit(vec![cmd("a")]), vec![output(2401)]);
+        assert_eq!(h.commit(vec![cmd("a")]), vec![output(24_001)]);
         h.stop();
     }
 }
@@ -762,12 +765,12 @@ fn a_large_state_is_checkpointed_by_size_and_replays_to_the_same_state() {
 fn tiny_commands_on_a_large_state_still_checkpoint_within_a_bounded_replay() {
     use super::tenant::checkpoint_due;
     let huge = 1 << 40;
-    assert!(!checkpoint_due(999, huge, 0), "never before 1,000 ops");
+    assert!(!checkpoint_due(9_999, huge, 0), "never before 10,000 ops");
     assert!(
-        checkpoint_due(1000, 5, 10),
+        checkpoint_due(10_000, 5, 10),
         "commands of half the state's size"
     );
-    assert!(!checkpoint_due(1000, 4, 10));
+    assert!(!checkpoint_due(10_000, 4, 10));
     assert!(!checkpoint_due(99_999, 1, huge));
     assert!(
         checkpoint_due(100_000, 1, huge),
