@@ -24,7 +24,7 @@ use super::{cf, StorageError};
 /// A checkpoint at least this large, written without a module, bypasses RocksDB's WAL (see
 /// [`StateStore::put_checkpoint`]). Below it the WAL costs next to nothing and keeps a
 /// checkpoint across `kill -9`; above it, writing the state a second time into the WAL held the
-/// apply thread (a 40 MB state: 86 ms a checkpoint, against 35 ms without) and made the Raft
+/// apply thread (a 40 MB state: 76-97 ms a checkpoint, against 28-60 ms without) and made the Raft
 /// thread's next synced write flush the whole state (BENCHMARKS.md, "Large checkpoints past
 /// the WAL").
 pub const UNLOGGED_CHECKPOINT_BYTES: usize = 1 << 20;
@@ -158,10 +158,11 @@ impl StateStore {
     /// synced. `module` is `(sha256 hex, bytes)`; the hash must be 64 lowercase hex digits, the
     /// form `hex::encode` gives, so one module has one key.
     ///
-    /// A checkpoint of [`UNLOGGED_CHECKPOINT_BYTES`] or more without a module skips the WAL and
-    /// asks for a flush without waiting for it: until that flush ends, a crash loses it (the
-    /// previous checkpoint and the log replay to the same state), and nothing may rely on it
-    /// surviving before [`StateStore::make_checkpoints_durable`] returns. A write with a module
+    /// A checkpoint of [`UNLOGGED_CHECKPOINT_BYTES`] or more without a module skips the WAL:
+    /// until RocksDB flushes the `state` family (when its memtable fills, or when a compaction
+    /// asks, see [`StateStore::make_checkpoints_durable`]) a crash loses it, and the previous
+    /// checkpoint and the log replay to the same state. Nothing may rely on it surviving
+    /// before that. A write with a module
     /// (a deploy, an upgrade) always goes through the WAL: the tenant's version is in it.
     pub fn put_checkpoint(
         &self,
