@@ -319,27 +319,27 @@ impl ClientService {
             .unwrap_or_default()
     }
 
-    /// Refuses a command for a tenant whose traps have cost this node's apply thread more
-    /// than their share, until that is paid back (see `TrapBudget` in `apply/tenant.rs`).
-    fn check_commands_taken(&self, tenant: &str) -> Result<(), Error> {
-        let until = self
-            .ctx
-            .view
-            .read()
-            .ok()
-            .and_then(|v| v.tenants.get(tenant).and_then(|t| t.commands_refused_until));
-        let left = until.map_or(Duration::ZERO, |u| {
+    /// `None` if this node does not know the tenant; else whether it takes a new command for
+    /// it: not while the tenant's traps have cost this node's apply thread more than their
+    /// share, until that is paid back (see `TrapBudget` in `apply/tenant.rs`). One look at
+    /// the applied view for both.
+    fn commands_taken(&self, tenant: &str) -> Option<Result<(), Error>> {
+        let refused_until = {
+            let view = self.ctx.view.read().ok()?;
+            view.tenants.get(tenant)?.commands_refused_until
+        };
+        let left = refused_until.map_or(Duration::ZERO, |u| {
             u.saturating_duration_since(std::time::Instant::now())
         });
         if left.is_zero() {
-            return Ok(());
+            return Some(Ok(()));
         }
-        Err(Error::Paused(format!(
+        Some(Err(Error::Paused(format!(
             "tenant `{tenant}`: this node takes no new commands for it for another {} ms: \
              recovering from its traps (a restore of its whole state each) has taken more than \
              its share of the apply thread that every tenant shares; retry later",
             left.as_millis().max(1)
-        )))
+        ))))
     }
 
     fn tenant_exists(&self, tenant: &str) -> bool {
@@ -598,25 +598,22 @@ impl ClientService {
         check_tenant_name(&req.tenant)?;
         check_size("the command", req.command.len(), MAX_COMMAND_BYTES)?;
         check_size("the client id", req.client_id.len(), MAX_CLIENT_ID)?;
-        match self.route(forwarded).await? {
+        let route = self.route(forwarded).await?;
+        let taken = match (route, self.commands_taken(&req.tenant)) {
             // A tenant this follower knows: it proposes the command itself (raft-rs carries it
             // to the leader on the peer stream) and answers from its own apply. One it does not
             // know (yet: a deploy it has not applied) goes to the leader, which knows.
-            Route::Forward(_) if self.tenant_exists(&req.tenant) => {}
-            Route::Forward(leader) => {
+            (Route::Forward(_), Some(taken)) | (Route::Local, Some(taken)) => taken,
+            (Route::Forward(leader), None) => {
                 let mut client = self.leader_client(leader)?;
                 return client
                     .exec(self.forward_request("exec", req, &rid))
                     .await
                     .map_err(|s| self.forward_failed(leader, s, true));
             }
-            Route::Local => {
-                if !self.tenant_exists(&req.tenant) {
-                    return Err(Error::UnknownTenant(req.tenant).into());
-                }
-            }
-        }
-        self.check_commands_taken(&req.tenant)?;
+            (Route::Local, None) => return Err(Error::UnknownTenant(req.tenant).into()),
+        };
+        taken?;
         let tenant = req.tenant.clone();
         let applied = self
             .propose(

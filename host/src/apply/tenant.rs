@@ -195,11 +195,13 @@ pub struct Tenant {
     bytes_since_checkpoint: u64,
     /// The encoded size of the last checkpoint written or loaded: what the next one copies.
     checkpoint_bytes: u64,
-    /// A checkpoint held in memory only, at or past the stored one: the one the last rebuild
-    /// started from, or one taken after a trap. The next rebuild starts from it without
-    /// reading and decoding the stored checkpoint, and a trap stores no checkpoint: for a
-    /// large state those were most of a trap's cost, paid on the apply thread that every
-    /// tenant shares. Dropped when a checkpoint is stored; a restart starts from the stored one.
+    /// A checkpoint held in memory, at or past the stored one: the one the last rebuild
+    /// started from, one taken after a trap, or the stored one itself when it was stored while
+    /// the tenant traps. The next rebuild starts from it without reading and decoding the
+    /// stored checkpoint, and most traps store no checkpoint: for a large state those were
+    /// most of a trap's cost, paid on the apply thread that every tenant shares. Dropped at the
+    /// first checkpoint stored after the tenant stops trapping; a restart starts from the
+    /// stored one.
     rebuild_base: Option<TenantCheckpoint>,
     /// Traps since the stored checkpoint (see [`TRAPS_PER_STORED_CHECKPOINT`]).
     traps_since_checkpoint: u32,
@@ -257,9 +259,10 @@ pub(super) fn query_pause(state_bytes: u64) -> std::time::Duration {
 }
 
 /// How much of the apply thread, which every tenant of a node shares, one tenant's command
-/// traps may take. Recovering from a trap (a restore of the whole state, a snapshot for the
-/// next rebuild) costs about 0.2 s for a 40 MB state, and a client looping on a trapping
-/// command took 93% of a neighbour's writes (BENCHMARKS.md, "A large tenant that traps").
+/// traps may take. Recovering from a trap (a restore of the whole state, and a snapshot for
+/// the next rebuild unless the trap follows another) costs 40-110 ms for a 40 MB state, and a
+/// client looping on a trapping command took 93% of a neighbour's writes (BENCHMARKS.md, "A
+/// large tenant that traps").
 ///
 /// Each recovery adds nine times its measured cost to a debt that wall time pays back; while
 /// the debt is over [`TrapBudget::BURST`], the node refuses the tenant's new commands
