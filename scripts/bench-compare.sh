@@ -5,7 +5,10 @@
 #                                        data in $DIR), 100 idle kv tenants beside the measured
 #                                        one; ROUNDS rounds, each running every workload on
 #                                        etcd and on wraft alternately (the order flips every
-#                                        round); prints medians; raw JSON lines in $DIR/compare.jsonl
+#                                        round), wraft both with unary calls (`wraft`) and with
+#                                        a `Pipeline` stream per client (`wraft-pipe`, which
+#                                        etcd's API has no counterpart of); prints medians; raw
+#                                        JSON lines in $DIR/compare.jsonl
 #   scripts/bench-compare.sh scan        wraft alone (no idle tenants): writes with 1, 16, 64 and
 #                                        256 clients, reads with 256 clients at each consistency;
 #                                        ROUNDS interleaved rounds
@@ -165,9 +168,11 @@ start_etcd() {
 # 256 clients on one thread per core, as one thread can be the bottleneck of a fast system.
 # etcd-bench is built like `wraft bench` (same runtime, same flags) so both pay the same.
 run_one() {
-  local system=$1 workload=$2 round=$3 load out cmd
+  local system=$1 workload=$2 round=$3 load out cmd base=$1 extra=()
   load=$(load1)
-  case "$system/$workload" in
+  # wraft-pipe: the wraft cluster again, each client on a `Pipeline` stream of its own.
+  if [ "$system" = wraft-pipe ]; then base=wraft; extra=(--api pipeline); fi
+  case "$base/$workload" in
     etcd/put-c1) cmd=("$etcd_bench" --endpoints "$E_E" --clients 1 --threads 1) ;;
     etcd/put-c256) cmd=("$etcd_bench" --endpoints "$E_E" --clients 256) ;;
     etcd/get-linearizable-c256) cmd=("$etcd_bench" --endpoints "$E_E" --clients 256 --read-ratio 1 --consistency linearizable) ;;
@@ -186,7 +191,7 @@ run_one() {
     wraft-bare/get-stale-c256) cmd=("$wraft" bench --endpoints "$B_E" --clients 256 --read-ratio 1 --consistency stale) ;;
     *) echo "unknown run $system/$workload" >&2; return 1 ;;
   esac
-  cmd+=(--duration "$DURATION" --value-size 256 --keys "${KEYS:-1000}" --fsync-probe "$DIR" --json)
+  cmd+=("${extra[@]}" --duration "$DURATION" --value-size 256 --keys "${KEYS:-1000}" --fsync-probe "$DIR" --json)
   out=$("${cmd[@]}") || true
   python3 - "$system" "$workload" "$round" "$load" "$out" >>"$DIR/compare.jsonl" <<'EOF'
 import json, sys
@@ -219,7 +224,7 @@ order = ["put-c1", "put-c16", "put-c64", "put-c256", "get-linearizable-c256", "g
 print("| system | workload | ops/s median | ops/s (rounds) | p50 ms | p99 ms | errors | fsync median µs (rounds) | load (rounds) |")
 print("| --- | --- | ---: | --- | ---: | ---: | ---: | --- | --- |")
 for wl in order:
-    for system in ["etcd", "wraft", "wraft-bare"]:
+    for system in ["etcd", "wraft", "wraft-pipe", "wraft-bare"]:
         runs = [r for r in rows if r["system"] == system and r["workload"] == wl and "ops_per_s" in r["result"]]
         if not runs:
             continue
@@ -263,11 +268,11 @@ compare() {
   local workloads=(put-c1 put-c256 get-linearizable-c256 get-serializable-c256 get-lease-c256 get-stale-c256)
   for round in $(seq 1 "$ROUNDS"); do
     for wl in "${workloads[@]}"; do
-      local systems=(etcd wraft)
-      [ $((round % 2)) -eq 0 ] && systems=(wraft etcd)
+      local systems=(etcd wraft wraft-pipe)
+      [ $((round % 2)) -eq 0 ] && systems=(wraft-pipe wraft etcd)
       for system in "${systems[@]}"; do
         case "$system/$wl" in
-          etcd/get-lease-c256 | etcd/get-stale-c256 | wraft/get-serializable-c256) continue ;;
+          etcd/get-lease-c256 | etcd/get-stale-c256 | wraft*/get-serializable-c256) continue ;;
         esac
         run_one "$system" "$wl" "$round"
       done

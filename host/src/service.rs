@@ -28,6 +28,7 @@ use wraft_proto::client::*;
 use wraft_proto::log::{self as wlog, op};
 
 mod membership;
+mod pipeline;
 
 use crate::apply::{
     Applied, ApplyInput, DigestTask, ModuleCache, OpOutcome, QueryTask, SharedView,
@@ -81,11 +82,13 @@ tokio::task_local! {
     static CALLER_AUTHORIZATION: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>;
 }
 
-/// The `Wraft` service.
+/// The `Wraft` service. Cloning it is cheap (two shared pointers): a `Pipeline` stream's
+/// task holds a clone.
+#[derive(Clone)]
 pub struct ClientService {
     ctx: Arc<NodeContext>,
     /// One lazily connected channel per leader we forwarded to.
-    leaders: Mutex<HashMap<u64, WraftClient<Channel>>>,
+    leaders: Arc<Mutex<HashMap<u64, WraftClient<Channel>>>>,
 }
 
 enum Route {
@@ -98,7 +101,7 @@ impl ClientService {
     pub fn new(ctx: Arc<NodeContext>) -> Self {
         Self {
             ctx,
-            leaders: Mutex::new(HashMap::new()),
+            leaders: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -990,6 +993,15 @@ impl Wraft for ClientService {
         request: Request<QueryRequest>,
     ) -> Result<Response<QueryResponse>, Status> {
         self.traced("query", request, |r| self.query_inner(r)).await
+    }
+
+    type PipelineStream = pipeline::PipelineStream;
+
+    async fn pipeline(
+        &self,
+        request: Request<tonic::Streaming<PipelineRequest>>,
+    ) -> Result<Response<Self::PipelineStream>, Status> {
+        self.pipeline_inner(request).await
     }
 
     async fn status(

@@ -23,6 +23,7 @@ pub mod invariants;
 pub mod linearizability;
 pub mod outcome;
 pub mod paths;
+pub mod pipeline;
 pub mod proxy;
 pub mod register;
 pub mod wait;

@@ -9,11 +9,14 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 use tonic::Code;
+use wraft_tests::api::pipeline_request::Call as PipelineCall;
+use wraft_tests::api::pipeline_response::Answer;
 use wraft_tests::api::{
     Consistency, DeleteTenantRequest, DeployRequest, DigestRequest, ExecRequest, QueryRequest,
     StatusRequest, TransferLeaderRequest,
 };
 use wraft_tests::cluster::{with_token, ClusterOptions};
+use wraft_tests::pipeline::Pipeline;
 use wraft_tests::{
     plugin_bytes, plugin_path, run_cli, within, Certainty, Cluster, NodeId, RPC_TIMEOUT,
 };
@@ -85,6 +88,23 @@ fn put(key: &str, value: &str) -> Vec<u8> {
     json!({"op": "put", "key": key, "value": value})
         .to_string()
         .into_bytes()
+}
+
+fn exec_body(tenant: &str, command: Vec<u8>) -> ExecRequest {
+    ExecRequest {
+        tenant: tenant.into(),
+        command,
+        client_id: String::new(),
+        seq: 0,
+    }
+}
+
+fn query_body(tenant: &str, consistency: Consistency) -> QueryRequest {
+    QueryRequest {
+        tenant: tenant.into(),
+        query: get("k"),
+        consistency: consistency as i32,
+    }
 }
 
 fn get(key: &str) -> Vec<u8> {
@@ -314,6 +334,58 @@ async fn tenants_are_isolated_through_the_leader_and_a_follower() {
         digest(&cluster, via, a, "a")
             .await
             .unwrap_or_else(|s| panic!("a's token asks a's digest {on}: {s:?}"));
+
+        // A pipeline stream carries one token, checked against every call's tenant; a stream
+        // without a valid token is refused as it opens.
+        let what = format!("a's pipeline {on}");
+        let mut pipe = Pipeline::open(&mut cluster.client(via), a, &what)
+            .await
+            .unwrap_or_else(|s| panic!("{what}: refused: {s:?}"));
+        let own = pipe
+            .call(1, PipelineCall::Exec(exec_body("a", put("p", "a2"))))
+            .await;
+        assert!(
+            matches!(&own, Answer::Exec(r) if r.index > 0),
+            "{what}: a's write: {own:?}"
+        );
+        for (id, call) in [
+            (2, PipelineCall::Exec(exec_body("b", put("k", "stolen")))),
+            (
+                3,
+                PipelineCall::Query(query_body("b", Consistency::Linearizable)),
+            ),
+            (4, PipelineCall::Query(query_body("b", Consistency::Stale))),
+        ] {
+            match pipe.call(id, call).await {
+                Answer::Failure(f) => {
+                    assert_eq!(
+                        Code::from_i32(f.code),
+                        Code::PermissionDenied,
+                        "{what}: {f:?}"
+                    );
+                    assert!(f.message.contains("tenant `b`"), "{what}: {f:?}");
+                    assert_eq!(f.outcome, "definite", "{what}: {f:?}");
+                }
+                other => panic!("{what}: call {id} on b was answered {other:?}"),
+            }
+        }
+        let again = pipe
+            .call(
+                5,
+                PipelineCall::Query(query_body("a", Consistency::Linearizable)),
+            )
+            .await;
+        assert!(
+            matches!(again, Answer::Query(_)),
+            "{what}: a's read after the refusals: {again:?}"
+        );
+        for (token, name) in [(None, "no token"), (Some("garbage"), "a garbage token")] {
+            let what = format!("a pipeline with {name} {on}");
+            match Pipeline::open(&mut cluster.client(via), token, &what).await {
+                Err(s) => assert_eq!(s.code(), Code::Unauthenticated, "{what}: {s:?}"),
+                Ok(_) => panic!("{what} was opened"),
+            }
+        }
 
         // A tenant's token sees only its own tenant in Status; the admin's sees all.
         assert_eq!(listed(&cluster, via, a).await.expect("status"), ["a"]);

@@ -260,3 +260,95 @@ fn a_closed_stdout_ends_the_cli_quietly() {
         "wraft ended as a panicking Rust program does: {stderr}"
     );
 }
+
+/// `wraft bench` drives a real cluster through either API and accounts for every request: with
+/// `--ops N` exactly N are sent, all succeed on a healthy cluster, and the writes are really
+/// applied (the last sequential key reads back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bench_runs_its_ops_through_either_api() {
+    let cluster = Cluster::start(3).await;
+    let endpoints = cluster.endpoints();
+    let kv = plugin_path("kv");
+    let kv = kv.to_str().expect("a UTF-8 plugin path");
+    for (api, tenant) in [("unary", "b1"), ("pipeline", "b2")] {
+        // Every key written once, in order, by 8 loops: then a mix of reads and writes.
+        let load = run_cli(
+            &[
+                "bench",
+                "--endpoints",
+                &endpoints,
+                "--tenant",
+                tenant,
+                "--deploy",
+                kv,
+                "--api",
+                api,
+                "--clients",
+                "8",
+                "--ops",
+                "400",
+                "--keys",
+                "400",
+                "--sequential-keys",
+                "--json",
+            ],
+            &[],
+        )
+        .await;
+        load.expect_code(0, &format!("bench --api {api} (load)"));
+        let report = load.json();
+        assert_eq!(report["config"]["api"], json!(api), "{report}");
+        assert_eq!(report["ops"], json!(400), "{report}");
+        assert_eq!(report["ok"], json!(400), "{report}");
+        assert_eq!(report["writes"]["ok"], json!(400), "{report}");
+
+        let mixed = run_cli(
+            &[
+                "bench",
+                "--endpoints",
+                &endpoints,
+                "--tenant",
+                tenant,
+                "--api",
+                api,
+                "--clients",
+                "16",
+                "--ops",
+                "600",
+                "--keys",
+                "400",
+                "--read-ratio",
+                "0.5",
+                "--json",
+            ],
+            &[],
+        )
+        .await;
+        mixed.expect_code(0, &format!("bench --api {api} (mixed)"));
+        let report = mixed.json();
+        assert_eq!(report["ok"], json!(600), "{report}");
+        let reads = report["reads"]["ok"].as_u64().expect("a read count");
+        let writes = report["writes"]["ok"].as_u64().expect("a write count");
+        assert_eq!(reads + writes, 600, "{report}");
+        assert!(reads > 0 && writes > 0, "a 50% mix did both: {report}");
+
+        let got = cluster
+            .query(
+                cluster.leader().await,
+                tenant,
+                &json!({"op": "get", "key": "k399"}),
+                wraft_tests::api::Consistency::Linearizable,
+            )
+            .await;
+        match got {
+            wraft_tests::QueryOutcome::Ok { output, .. } => {
+                let value = wraft_tests::json(&output);
+                assert!(
+                    value["value"].is_string(),
+                    "{tenant}: k399 was written: {value}"
+                );
+            }
+            other => panic!("{tenant}: reading k399 back gave {other}"),
+        }
+    }
+}

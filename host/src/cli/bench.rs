@@ -27,7 +27,10 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tonic::transport::Channel;
 use wraft_proto::client::wraft_client::WraftClient;
-use wraft_proto::client::{exec_response, query_response, Consistency, ExecRequest, QueryRequest};
+use wraft_proto::client::{
+    exec_response, pipeline_request, pipeline_response, query_response, CallFailure, Consistency,
+    ExecRequest, PipelineRequest, PipelineResponse, QueryRequest,
+};
 
 use super::{fail, Endpoints};
 use crate::client::Client;
@@ -41,6 +44,15 @@ enum Level {
     Lease,
     /// From the node asked; may lag.
     Stale,
+}
+
+/// How the request loops reach the node.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    /// One unary `Exec` or `Query` call (an HTTP/2 stream of its own) per request.
+    Unary,
+    /// One long-lived `Pipeline` stream per loop, a message each way per request.
+    Pipeline,
 }
 
 #[derive(clap::Args, Debug)]
@@ -86,6 +98,10 @@ pub struct Args {
     /// Consistency of the reads.
     #[arg(long, value_enum, default_value = "linearizable")]
     consistency: Level,
+    /// How each loop sends its requests: unary calls, or a `Pipeline` stream of its own
+    /// (the same calls without HTTP/2 headers and a stream per request).
+    #[arg(long, value_enum, default_value = "unary")]
+    api: Api,
     /// Time limit of each request; a request that takes longer counts as a `timeout` error.
     #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = positive_secs)]
     timeout: f64,
@@ -369,6 +385,7 @@ async fn bench(args: Args) -> Result<ExitCode, Setup> {
             load.clone(),
             bar.clone(),
             rng,
+            args.api,
         )));
     }
     let mut reads = Tally::new()?;
@@ -396,6 +413,7 @@ async fn bench(args: Args) -> Result<ExitCode, Setup> {
         "value_size": args.value_size,
         "read_ratio": args.read_ratio,
         "consistency": format!("{:?}", args.consistency).to_ascii_lowercase(),
+        "api": format!("{:?}", args.api).to_ascii_lowercase(),
         "timeout_s": args.timeout,
     });
     let done = reads.ok + reads.failed() + writes.ok + writes.failed();
@@ -479,14 +497,20 @@ const ERROR_PAUSE: Duration = Duration::from_millis(20);
 
 /// One closed loop: send a request, wait for its answer (or the timeout), record, repeat.
 async fn request_loop(
-    mut client: WraftClient<Channel>,
+    client: WraftClient<Channel>,
     load: Arc<Load>,
     bar: ProgressBar,
     mut rng: SmallRng,
+    api: Api,
 ) -> Result<Tallies, String> {
     let mut t = Tallies {
         reads: Tally::new()?,
         writes: Tally::new()?,
+    };
+    let mut caller = Caller {
+        client,
+        pipe: None,
+        api,
     };
     let counts_by_bar = matches!(load.stop, Stop::Ops(_));
     while load.take_ticket() {
@@ -497,11 +521,11 @@ async fn request_loop(
         };
         let started = Instant::now();
         let result = if is_read {
-            read(&mut client, &load, key).await
+            caller.read(&load, key).await
         } else {
             let at = rng.random_range(0..=load.value_size);
             let value = &load.pool[at..at + load.value_size];
-            write(&mut client, &load, key, value).await
+            caller.write(&load, key, value).await
         };
         let micros = started.elapsed().as_micros();
         let tally = if is_read { &mut t.reads } else { &mut t.writes };
@@ -530,57 +554,192 @@ async fn request_loop(
 /// A failed request: its kind (for counting) and the message (for the report).
 type Failure = (String, String);
 
-async fn write(
-    client: &mut WraftClient<Channel>,
-    load: &Load,
-    key: u64,
-    value: &str,
-) -> Result<(), Failure> {
-    // The key is `k` and digits and the value is alphanumeric, so neither needs JSON escaping.
-    let command = format!(r#"{{"op":"put","key":"k{key}","value":"{value}"}}"#).into_bytes();
-    let mut req = tonic::Request::new(ExecRequest {
-        tenant: load.tenant.clone(),
-        command,
-        client_id: String::new(),
-        seq: 0,
-    });
-    req.set_timeout(load.timeout);
-    load.authorize(&mut req);
-    match tokio::time::timeout(load.timeout, client.exec(req)).await {
-        Err(_) => Err(timed_out(load.timeout)),
-        Ok(Err(status)) => Err(status_failure(&status)),
-        Ok(Ok(resp)) => match resp.into_inner().outcome {
+/// One loop's way to the node: unary calls on its channel, or its own `Pipeline` stream on it.
+struct Caller {
+    client: WraftClient<Channel>,
+    /// The open stream (`--api pipeline`); opened on first use, and again after it broke.
+    pipe: Option<Pipe>,
+    api: Api,
+}
+
+/// A loop's `Pipeline` stream: where its calls go, where their answers come from.
+struct Pipe {
+    calls: tokio::sync::mpsc::Sender<PipelineRequest>,
+    answers: tonic::Streaming<PipelineResponse>,
+    next_id: u64,
+}
+
+impl Caller {
+    async fn write(&mut self, load: &Load, key: u64, value: &str) -> Result<(), Failure> {
+        // The key is `k` and digits and the value is alphanumeric, so neither needs JSON
+        // escaping.
+        let command = format!(r#"{{"op":"put","key":"k{key}","value":"{value}"}}"#).into_bytes();
+        let req = ExecRequest {
+            tenant: load.tenant.clone(),
+            command,
+            client_id: String::new(),
+            seq: 0,
+        };
+        let outcome = match self.api {
+            Api::Unary => unary(load, req, |r| self.client.exec(r)).await?.outcome,
+            Api::Pipeline => match self
+                .pipelined(load, pipeline_request::Call::Exec(req))
+                .await?
+            {
+                pipeline_response::Answer::Exec(resp) => resp.outcome,
+                other => return Err(wrong_answer(&other)),
+            },
+        };
+        match outcome {
             Some(exec_response::Outcome::Output(_)) => Ok(()),
             Some(exec_response::Outcome::Error(e)) => Err(module_failure(&e)),
-            None => Err((
-                "empty_answer".into(),
-                "the node sent an empty answer".into(),
-            )),
-        },
+            None => Err(empty_answer()),
+        }
+    }
+
+    async fn read(&mut self, load: &Load, key: u64) -> Result<(), Failure> {
+        let query = format!(r#"{{"op":"get","key":"k{key}"}}"#).into_bytes();
+        let req = QueryRequest {
+            tenant: load.tenant.clone(),
+            query,
+            consistency: load.consistency as i32,
+        };
+        let outcome = match self.api {
+            Api::Unary => unary(load, req, |r| self.client.query(r)).await?.outcome,
+            Api::Pipeline => match self
+                .pipelined(load, pipeline_request::Call::Query(req))
+                .await?
+            {
+                pipeline_response::Answer::Query(resp) => resp.outcome,
+                other => return Err(wrong_answer(&other)),
+            },
+        };
+        match outcome {
+            Some(query_response::Outcome::Output(_)) => Ok(()),
+            Some(query_response::Outcome::Error(e)) => Err(module_failure(&e)),
+            None => Err(empty_answer()),
+        }
+    }
+
+    /// Sends one call on the loop's stream (opening it if need be) and waits for its answer,
+    /// all within the request's timeout. A late answer to a call that timed out is skipped
+    /// when it arrives. A broken stream fails the call and is opened again for the next one.
+    async fn pipelined(
+        &mut self,
+        load: &Load,
+        call: pipeline_request::Call,
+    ) -> Result<pipeline_response::Answer, Failure> {
+        let deadline = tokio::time::Instant::now() + load.timeout;
+        let answer = tokio::time::timeout_at(deadline, async {
+            if self.pipe.is_none() {
+                self.pipe = Some(open_pipe(&mut self.client, load).await?);
+            }
+            let Some(pipe) = self.pipe.as_mut() else {
+                return Err(empty_answer());
+            };
+            let id = pipe.next_id;
+            pipe.next_id += 1;
+            let sent = pipe.calls.send(PipelineRequest {
+                id,
+                call: Some(call),
+            });
+            if sent.await.is_err() {
+                return Err(broken_pipe(
+                    "the stream closed before the call was sent".into(),
+                ));
+            }
+            loop {
+                match pipe.answers.message().await {
+                    Ok(Some(answer)) if answer.id == id => {
+                        return answer.answer.ok_or_else(empty_answer);
+                    }
+                    // The answer to an earlier call that timed out here.
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return Err(broken_pipe("the node ended the stream".into())),
+                    Err(status) => return Err(status_failure(&status)),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| Err(timed_out(load.timeout)));
+        match answer {
+            Ok(pipeline_response::Answer::Failure(f)) => Err(call_failure(&f)),
+            Ok(answer) => Ok(answer),
+            Err(failure) => {
+                // Whatever broke (or timed out while opening), the next call starts afresh,
+                // unless only this call's answer was late.
+                if failure.0 != "timeout" {
+                    self.pipe = None;
+                }
+                Err(failure)
+            }
+        }
     }
 }
 
-async fn read(client: &mut WraftClient<Channel>, load: &Load, key: u64) -> Result<(), Failure> {
-    let query = format!(r#"{{"op":"get","key":"k{key}"}}"#).into_bytes();
-    let mut req = tonic::Request::new(QueryRequest {
-        tenant: load.tenant.clone(),
-        query,
-        consistency: load.consistency as i32,
-    });
+/// One unary call with the run's token and timeout.
+async fn unary<Req, Resp, Fut>(
+    load: &Load,
+    body: Req,
+    call: impl FnOnce(tonic::Request<Req>) -> Fut,
+) -> Result<Resp, Failure>
+where
+    Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+{
+    let mut req = tonic::Request::new(body);
     req.set_timeout(load.timeout);
     load.authorize(&mut req);
-    match tokio::time::timeout(load.timeout, client.query(req)).await {
+    match tokio::time::timeout(load.timeout, call(req)).await {
         Err(_) => Err(timed_out(load.timeout)),
         Ok(Err(status)) => Err(status_failure(&status)),
-        Ok(Ok(resp)) => match resp.into_inner().outcome {
-            Some(query_response::Outcome::Output(_)) => Ok(()),
-            Some(query_response::Outcome::Error(e)) => Err(module_failure(&e)),
-            None => Err((
-                "empty_answer".into(),
-                "the node sent an empty answer".into(),
-            )),
-        },
+        Ok(Ok(resp)) => Ok(resp.into_inner()),
     }
+}
+
+/// Opens a `Pipeline` stream on the loop's channel, with the run's token.
+async fn open_pipe(client: &mut WraftClient<Channel>, load: &Load) -> Result<Pipe, Failure> {
+    let (calls, outgoing) = tokio::sync::mpsc::channel(1);
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outgoing));
+    load.authorize(&mut req);
+    let answers = client
+        .pipeline(req)
+        .await
+        .map_err(|status| status_failure(&status))?
+        .into_inner();
+    Ok(Pipe {
+        calls,
+        answers,
+        next_id: 0,
+    })
+}
+
+fn broken_pipe(message: String) -> Failure {
+    ("broken_stream".into(), message)
+}
+
+fn empty_answer() -> Failure {
+    (
+        "empty_answer".into(),
+        "the node sent an empty answer".into(),
+    )
+}
+
+fn wrong_answer(answer: &pipeline_response::Answer) -> Failure {
+    (
+        "wrong_answer".into(),
+        format!("the node answered a call with the wrong kind of answer: {answer:?}"),
+    )
+}
+
+/// A failed pipeline call, counted as its unary call's status would be.
+fn call_failure(f: &CallFailure) -> Failure {
+    let code = snake_case(&format!("{:?}", tonic::Code::from_i32(f.code)));
+    let kind = if f.outcome.is_empty() {
+        format!("grpc:{code}")
+    } else {
+        format!("grpc:{code} ({})", f.outcome)
+    };
+    (kind, f.message.clone())
 }
 
 fn timed_out(after: Duration) -> Failure {
