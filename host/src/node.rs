@@ -366,6 +366,7 @@ pub async fn run(
 
     let status_rx_for_promote = status_rx.clone();
     let view_for_promote = view.clone();
+    let (stopping_tx, stopping_rx) = watch::channel(false);
     let ctx = Arc::new(NodeContext {
         id: config.id,
         cluster_id,
@@ -384,6 +385,7 @@ pub async fn run(
         request_timeout: config.request_timeout,
         tls: config.tls.as_ref().map(|t| t.client.clone()),
         auth: config.auth.clone(),
+        stopping: stopping_rx.clone(),
     });
     if let (Some(client), true) = (join_client, config.auto_promote) {
         tokio::spawn(auto_promote(
@@ -393,7 +395,6 @@ pub async fn run(
             view_for_promote,
         ));
     }
-    let (stopping_tx, stopping_rx) = watch::channel(false);
     let peer_service = PeerService::new(
         Membership {
             cluster_id,

@@ -74,6 +74,9 @@ pub struct NodeContext {
     pub tls: Option<tonic::transport::ClientTlsConfig>,
     /// Access control: off, or the cluster auth secret every client token is checked against.
     pub auth: crate::auth::Auth,
+    /// Turns true when the node starts stopping: long-lived streams (`Pipeline`) then take no
+    /// new calls, answer those in flight and end, so that they do not hold the shutdown.
+    pub stopping: watch::Receiver<bool>,
 }
 
 tokio::task_local! {

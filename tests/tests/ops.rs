@@ -10,10 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::process::Child;
+use wraft_proto::client::exec_response;
+use wraft_proto::client::pipeline_request::Call;
+use wraft_proto::client::pipeline_response::Answer;
 use wraft_proto::client::{Consistency, QueryRequest, Role, StatusRequest};
 use wraft_tests::cluster::{connect, exec_on, exec_request, Cluster};
 use wraft_tests::outcome::ExecOutcome;
 use wraft_tests::paths::plugin_bytes;
+use wraft_tests::pipeline::Pipeline;
 use wraft_tests::wait::{wait_until, within};
 
 fn free_ports(n: usize) -> Vec<u16> {
@@ -335,6 +339,60 @@ async fn sigterm_under_load_answers_everything_and_loses_nothing() {
             }
         }));
     }
+    // And one client on a `Pipeline` stream, which the stopping node must end (answering
+    // what is in flight) rather than hold its shutdown open for; the client then goes on
+    // through the next node.
+    {
+        let (acked, unknown, stop, ports) =
+            (acked.clone(), unknown.clone(), stop.clone(), ports.clone());
+        let first = ports.iter().position(|&p| p == first).unwrap_or(0);
+        clients.push(tokio::spawn(async move {
+            let mut n = first;
+            let mut id = 0u64;
+            while !stop.load(Ordering::Relaxed) && id < 4000 {
+                let port = ports[n % ports.len()];
+                n += 1;
+                let what = format!("a pipeline to port {port} during SIGTERM");
+                let Ok(mut pipe) = Pipeline::open(&mut connect(port), None, &what).await else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                while !stop.load(Ordering::Relaxed) && id < 4000 {
+                    id += 1;
+                    let cmd = serde_json::json!({"op": "add", "n": 1});
+                    pipe.send(
+                        id,
+                        Some(Call::Exec(exec_request(
+                            "c",
+                            cmd.to_string().into_bytes(),
+                            "",
+                            0,
+                        ))),
+                    );
+                    match pipe.next().await {
+                        Ok(Some((got, Answer::Exec(resp)))) if got == id => match resp.outcome {
+                            Some(exec_response::Outcome::Output(_)) => {
+                                acked.fetch_add(1, Ordering::Relaxed);
+                            }
+                            other => panic!("{what}: add {id} gave {other:?}"),
+                        },
+                        Ok(Some((got, Answer::Failure(f)))) if got == id => {
+                            if f.outcome != "definite" {
+                                unknown.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Ok(Some(other)) => panic!("{what}: add {id} was answered {other:?}"),
+                        // The stream ended (the node is stopping) or broke with the call
+                        // in flight: it may have been applied.
+                        Ok(None) | Err(_) => {
+                            unknown.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                }
+            }
+        }));
+    }
     wait_until(
         Duration::from_secs(30),
         "some acknowledged adds before the SIGTERM",
@@ -354,6 +412,10 @@ async fn sigterm_under_load_answers_everything_and_loses_nothing() {
     assert!(
         nodes.log(leader).contains("transferring leadership"),
         "the stopping leader hands leadership over"
+    );
+    assert!(
+        !nodes.log(leader).contains("shutdown grace period"),
+        "nothing held the stop open past its grace period (an open pipeline must end)"
     );
     // The survivors keep taking writes while the stopped node is down.
     let survivors: Vec<u64> = nodes.procs.keys().copied().collect();

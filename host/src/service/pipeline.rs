@@ -60,6 +60,7 @@ impl ClientService {
         answers: mpsc::Sender<Result<PipelineResponse, Status>>,
     ) {
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let mut stopping = self.ctx.stopping.clone();
         loop {
             let Ok(slot) = slots.clone().acquire_owned().await else {
                 return;
@@ -68,6 +69,9 @@ impl ClientService {
                 call = inbound.message() => call,
                 // The client stopped reading answers (and so will never see these): stop.
                 () = answers.closed() => return,
+                // The node is stopping: the calls in flight are answered, then the stream
+                // ends, and the client goes to another node.
+                _ = stopping.wait_for(|stop| *stop) => return,
             };
             let call = match call {
                 Ok(Some(call)) => call,
