@@ -12,8 +12,11 @@
 //! answered with the status the unary call would have returned, as a [`CallFailure`]; the
 //! stream goes on. Calls in flight together run concurrently, as concurrent unary calls do, and
 //! are no more ordered than those: a call that must follow another is sent after its answer.
+//! What one stream may have in flight is bounded in calls and in bytes ([`MAX_IN_FLIGHT`]).
 
 use std::sync::Arc;
+
+use prost::Message as _;
 
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
@@ -28,10 +31,24 @@ use crate::auth::Access;
 use crate::error::Outcome;
 use crate::Error;
 
-/// Most calls of one stream in flight at once. Past it the node stops reading the stream (HTTP/2
-/// flow control then holds the client back) until a call finishes: a stream cannot queue
-/// unbounded work on the node.
-pub const MAX_IN_FLIGHT: usize = 1024;
+/// What one stream may have in flight, in units of [`UNIT_BYTES`] of calls: a call takes one
+/// unit per 4 KiB it holds (at least one, at most all of them). So at most 1,024 calls, and
+/// about 4 MiB of them, are in flight per stream, whatever the client sends. Past that the node
+/// reads no more of the stream (HTTP/2 flow control then holds the client back) until calls
+/// finish: a stream cannot make the node hold unbounded work or memory.
+pub const MAX_IN_FLIGHT: u32 = 1024;
+/// The size of a unit of [`MAX_IN_FLIGHT`].
+const UNIT_BYTES: usize = 4096;
+/// Answers finished but not yet taken by the connection. Small on purpose: a client that stops
+/// reading leaves its calls' tasks waiting (holding their units) rather than answers piling up.
+const QUEUED_ANSWERS: usize = 64;
+
+/// The units a call of `bytes` takes.
+fn units_of(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(UNIT_BYTES))
+        .unwrap_or(MAX_IN_FLIGHT)
+        .clamp(1, MAX_IN_FLIGHT)
+}
 
 /// The answers of one stream, in the order the calls finish.
 pub type PipelineStream = ReceiverStream<Result<PipelineResponse, Status>>;
@@ -46,7 +63,7 @@ impl ClientService {
         self.ctx.auth.check(request.metadata(), Access::Any)?;
         let authorization = crate::auth::authorization_of(request.metadata());
         let inbound = request.into_inner();
-        let (answers, stream) = mpsc::channel(MAX_IN_FLIGHT);
+        let (answers, stream) = mpsc::channel(QUEUED_ANSWERS);
         tokio::spawn(self.clone().read_calls(inbound, authorization, answers));
         Ok(Response::new(ReceiverStream::new(stream)))
     }
@@ -59,10 +76,12 @@ impl ClientService {
         authorization: Option<MetadataValue<Ascii>>,
         answers: mpsc::Sender<Result<PipelineResponse, Status>>,
     ) {
-        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize));
         let mut stopping = self.ctx.stopping.clone();
         loop {
-            let Ok(slot) = slots.clone().acquire_owned().await else {
+            // One unit before reading (so the count is bounded), the rest once the call's size
+            // is known. A call never needs more than all units, so the wait always ends.
+            let Ok(mut slot) = slots.clone().acquire_owned().await else {
                 return;
             };
             let call = tokio::select! {
@@ -85,6 +104,13 @@ impl ClientService {
                     return;
                 }
             };
+            let more = units_of(call.encoded_len()) - 1;
+            if more > 0 {
+                let Ok(rest) = slots.clone().acquire_many_owned(more).await else {
+                    return;
+                };
+                slot.merge(rest);
+            }
             let service = self.clone();
             let answers = answers.clone();
             let authorization = authorization.clone();
@@ -149,5 +175,23 @@ pub fn failure_of(status: &Status) -> CallFailure {
         outcome: Outcome::of_status(status)
             .map(|o| o.as_str().to_string())
             .unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_takes_a_unit_per_4_kib_within_the_whole_budget() {
+        assert_eq!(units_of(0), 1);
+        assert_eq!(units_of(300), 1);
+        assert_eq!(units_of(4096), 1);
+        assert_eq!(units_of(4097), 2);
+        assert_eq!(units_of(1 << 20), 256);
+        // Larger than the whole budget (up to the 9 MiB message limit): all of it, never more,
+        // or its wait would never end.
+        assert_eq!(units_of(9 << 20), MAX_IN_FLIGHT);
+        assert_eq!(units_of(usize::MAX), MAX_IN_FLIGHT);
     }
 }
