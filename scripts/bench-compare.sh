@@ -28,6 +28,7 @@
 #                                        the leader's commit index (long: separate on purpose)
 #
 # Environment: ROUNDS (5), DURATION (8 s per run), IDLE (100 idle tenants), DIR (/tmp/wbench-cmp),
+# API (unary; `pipeline` drives every wraft run through `Pipeline` streams),
 # CATCHUP_MIB (1024), SKIP_BUILD=1 (use the binaries as they are). Needs: Debian's etcd-server (`etcd`), python3, and the builds below.
 # The node is the dev profile (`cargo build -p wraft`), like every figure in BENCHMARKS.md.
 set -euo pipefail
@@ -172,6 +173,8 @@ run_one() {
   load=$(load1)
   # wraft-pipe: the wraft cluster again, each client on a `Pipeline` stream of its own.
   if [ "$system" = wraft-pipe ]; then base=wraft; extra=(--api pipeline); fi
+  # API=pipeline: every wraft system of the mode (e.g. both clusters of `idle`) on the pipeline.
+  if [ "${API:-unary}" = pipeline ] && [ "$base" != etcd ]; then extra=(--api pipeline); fi
   case "$base/$workload" in
     etcd/put-c1) cmd=("$etcd_bench" --endpoints "$E_E" --clients 1 --threads 1) ;;
     etcd/put-c256) cmd=("$etcd_bench" --endpoints "$E_E" --clients 256) ;;

@@ -52,6 +52,7 @@ pub struct Metrics {
     // gRPC
     pub grpc_requests: IntCounterVec,
     pub grpc_seconds: HistogramVec,
+    pub pipeline_streams: IntGauge,
     // Transport
     pub peer_messages_sent: IntCounterVec,
     pub peer_bytes_sent: IntCounterVec,
@@ -216,6 +217,11 @@ impl Metrics {
                 "Client API latency by method.",
                 &["method"],
             ),
+            pipeline_streams: gauge(
+                "pipeline_streams",
+                "Client `Pipeline` streams open on this node (their calls are counted in \
+                 grpc_requests_total as pipeline_exec and pipeline_query).",
+            ),
             peer_messages_sent: counters(
                 "peer_messages_sent_total",
                 "Raft messages sent, per peer.",
@@ -273,6 +279,7 @@ impl Metrics {
             Box::new(m.wasm_compile_cache_hits.clone()),
             Box::new(m.grpc_requests.clone()),
             Box::new(m.grpc_seconds.clone()),
+            Box::new(m.pipeline_streams.clone()),
             Box::new(m.peer_messages_sent.clone()),
             Box::new(m.peer_bytes_sent.clone()),
             Box::new(m.peer_messages_received.clone()),

@@ -13,9 +13,14 @@ use wraft_tests::api::module_error::Kind;
 use wraft_tests::api::pipeline_request::Call;
 use wraft_tests::api::pipeline_response::Answer;
 use wraft_tests::api::{exec_response, query_response, Consistency, ExecRequest, QueryRequest};
-use wraft_tests::cluster::exec_request;
+use wraft_tests::cluster::{exec_request, ClusterOptions};
 use wraft_tests::pipeline::Pipeline;
-use wraft_tests::{json as parse, Cluster, NodeId, QueryOutcome};
+use wraft_tests::{json as parse, metric, Cluster, NodeId, QueryOutcome};
+
+/// Open `Pipeline` streams on a node.
+const STREAMS: &str = "wraft_pipeline_streams";
+/// Pipelined commands a node answered (each also counted as its method, like a unary call).
+const PIPELINED_EXECS: &str = "wraft_grpc_requests_total{code=\"Ok\",method=\"pipeline_exec\"}";
 
 fn put(tenant: &str, key: &str, value: &str) -> Call {
     let command = json!({"op": "put", "key": key, "value": value}).to_string();
@@ -81,7 +86,14 @@ fn follower_of(cluster: &Cluster, leader: NodeId) -> NodeId {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pipelined_calls_are_answered_as_their_unary_calls_are() {
-    let cluster = Cluster::start(3).await;
+    let cluster = Cluster::start_with(
+        3,
+        ClusterOptions {
+            metrics: true,
+            ..Default::default()
+        },
+    )
+    .await;
     let leader = cluster.leader().await;
     cluster.deploy(leader, "kv", "kv").await;
     let follower = follower_of(&cluster, leader);
@@ -189,12 +201,29 @@ async fn pipelined_calls_are_answered_as_their_unary_calls_are() {
             "{unknown_unary}"
         );
 
+        // The node counts the open stream, and its calls under their own method names.
+        assert_eq!(
+            metric(&cluster, via, STREAMS).await,
+            1,
+            "{what}: open streams"
+        );
+        let execs = metric(&cluster, via, PIPELINED_EXECS).await;
+        assert!(
+            execs >= 3,
+            "{what}: {execs} pipelined execs counted, 3 answered"
+        );
+
         // Closing our side ends the node's once everything is answered.
         pipe.close();
         match pipe.next().await {
             Ok(None) => {}
             other => panic!("{what}: after close, expected the end, got {other:?}"),
         }
+        assert_eq!(
+            metric(&cluster, via, STREAMS).await,
+            0,
+            "{what}: open streams"
+        );
     }
     cluster.wait_digests_agree(&cluster.ids(), "kv", 0).await;
 }

@@ -76,6 +76,7 @@ impl ClientService {
         authorization: Option<MetadataValue<Ascii>>,
         answers: mpsc::Sender<Result<PipelineResponse, Status>>,
     ) {
+        let _open = OpenStream::counted();
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize));
         let mut stopping = self.ctx.stopping.clone();
         loop {
@@ -153,6 +154,22 @@ impl ClientService {
             id: call.id,
             answer: Some(answer.unwrap_or_else(|status| Answer::Failure(failure_of(&status)))),
         }
+    }
+}
+
+/// Counts a stream in `wraft_pipeline_streams` for as long as its calls are read.
+struct OpenStream;
+
+impl OpenStream {
+    fn counted() -> Self {
+        crate::metrics::METRICS.pipeline_streams.inc();
+        OpenStream
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        crate::metrics::METRICS.pipeline_streams.dec();
     }
 }
 
