@@ -229,6 +229,31 @@ impl Client {
             .map_err(|s| self.status_error(s))
     }
 
+    /// Opens a `Pipeline` stream on the first endpoint that answers: the calls `calls` yields go
+    /// out as it yields them, and their answers come back on the returned stream as they finish
+    /// (matched by id). The stream carries the token but no deadline (a gRPC deadline would
+    /// end the whole stream): the node bounds each call, and the caller bounds its own wait.
+    pub async fn pipeline(
+        &self,
+        calls: impl tokio_stream::Stream<Item = PipelineRequest> + Send + 'static,
+    ) -> Result<tonic::Streaming<PipelineResponse>, ClientError> {
+        let mut c = self.connect().await?;
+        let mut req = tonic::Request::new(calls);
+        if let Some(value) = &self.authorization {
+            req.metadata_mut()
+                .insert(crate::auth::AUTHORIZATION_KEY, value.clone());
+        }
+        c.pipeline(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.status_error(s))
+    }
+
+    /// The time a single call may take ([`Client::pipeline`] callers bound their waits by it).
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
     /// Removes a tenant on every replica; answers with the log index of the removal.
     pub async fn delete_tenant(&self, tenant: &str) -> Result<DeleteTenantResponse, ClientError> {
         let mut c = self.connect().await?;

@@ -28,7 +28,7 @@ pub mod proxy;
 pub mod register;
 pub mod wait;
 
-pub use cli::{run_cli, CliOutput};
+pub use cli::{run_cli, run_cli_with_input, CliOutput};
 pub use cluster::{Cluster, NodeId};
 pub use outcome::{Certainty, ExecOutcome, QueryOutcome};
 pub use paths::{plugin_bytes, plugin_path, sha256_hex, wraft_bin};

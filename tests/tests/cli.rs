@@ -5,7 +5,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use wraft_tests::{plugin_bytes, plugin_path, run_cli, sha256_hex, wait_until, Cluster};
+use wraft_tests::{
+    plugin_bytes, plugin_path, run_cli, run_cli_with_input, sha256_hex, wait_until, Cluster,
+};
 
 /// Parses `status --json` output: one JSON object per line.
 fn status_lines(stdout: &str) -> Vec<Value> {
@@ -351,4 +353,93 @@ async fn bench_runs_its_ops_through_either_api() {
             other => panic!("{tenant}: reading k399 back gave {other}"),
         }
     }
+}
+
+/// `wraft exec --stdin`: a command per line, pipelined; the outputs come back one line each in
+/// input order (a failed command's line empty, its error on stderr with its line number), and
+/// the exit code says whether everything was applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exec_from_stdin_answers_every_line_in_order() {
+    let cluster = Cluster::start(3).await;
+    let leader = cluster.leader().await;
+    cluster.deploy(leader, "lines", "kv").await;
+    let endpoints = cluster.endpoints();
+    let put = |i: usize, v: &str| format!(r#"{{"op":"put","key":"k{i}","value":"{v}{i}"}}"#);
+
+    // 300 puts, the 150th of which the module rejects (no value).
+    let mut input = String::new();
+    for i in 1..=300 {
+        if i == 150 {
+            input.push_str("{\"op\":\"put\",\"key\":\"bad\"}\n");
+        } else {
+            input.push_str(&put(i, "a"));
+            input.push('\n');
+        }
+    }
+    let args = [
+        "exec",
+        "--endpoints",
+        &endpoints,
+        "--tenant",
+        "lines",
+        "--stdin",
+    ];
+    let out = run_cli_with_input(&args, &[], input.as_bytes()).await;
+    out.expect_code(3, "exec --stdin with one rejected line");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 300, "one output line per input line: {out}");
+    for (n, line) in lines.iter().enumerate() {
+        let expected = if n + 1 == 150 { "" } else { r#"{"prev":null}"# };
+        assert_eq!(*line, expected, "output line {}: {out}", n + 1);
+    }
+    assert!(out.stderr.contains("line 150: error (rejected)"), "{out}");
+    assert_eq!(out.stderr.lines().count(), 1, "only line 150 failed: {out}");
+
+    // Again over the same keys, 64 at a time: each answer shows the value before it, so every
+    // output line differs and must be its input line's, whatever order the answers came in.
+    let mut again = String::new();
+    for i in 1..=40 {
+        again.push_str(&put(i, "b"));
+        again.push('\n');
+    }
+    let out = run_cli_with_input(&args, &[], again.as_bytes()).await;
+    out.expect_code(0, "exec --stdin over written keys");
+    let lines: Vec<String> = out.stdout.lines().map(str::to_string).collect();
+    let expected: Vec<String> = (1..=40).map(|i| format!(r#"{{"prev":"a{i}"}}"#)).collect();
+    assert_eq!(lines, expected, "{out}");
+
+    // One at a time, commands apply in input order: puts to one key each see the one before.
+    let serial: String = (1..=20)
+        .map(|i| format!("{{\"op\":\"put\",\"key\":\"one\",\"value\":\"c{i}\"}}\n"))
+        .collect();
+    let mut one_at_a_time = args.to_vec();
+    one_at_a_time.extend(["--in-flight", "1"]);
+    let out = run_cli_with_input(&one_at_a_time, &[], serial.as_bytes()).await;
+    out.expect_code(0, "exec --stdin --in-flight 1");
+    let lines: Vec<String> = out.stdout.lines().map(str::to_string).collect();
+    let expected: Vec<String> = (1..=20)
+        .map(|i| match i {
+            1 => r#"{"prev":null}"#.to_string(),
+            i => format!(r#"{{"prev":"c{}"}}"#, i - 1),
+        })
+        .collect();
+    assert_eq!(lines, expected, "{out}");
+
+    // A tenant that does not exist: every line is refused, nothing applied.
+    let args = [
+        "exec",
+        "--endpoints",
+        &endpoints,
+        "--tenant",
+        "ghost",
+        "--stdin",
+    ];
+    let out = run_cli_with_input(&args, &[], again.as_bytes()).await;
+    out.expect_code(3, "exec --stdin to an unknown tenant");
+    assert_eq!(out.stdout.lines().count(), 40, "{out}");
+    assert!(
+        out.stderr
+            .contains("line 40: error (NotFound, not applied)"),
+        "{out}"
+    );
 }

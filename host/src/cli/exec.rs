@@ -36,7 +36,18 @@ pub struct ExecArgs {
     #[arg(long, requires = "client_id")]
     seq: Option<u64>,
     /// The command, passed to the module as bytes.
-    command: String,
+    #[arg(required_unless_present = "stdin")]
+    command: Option<String>,
+    /// Instead of one command: every line of standard input is a command. They are sent on one
+    /// `Pipeline` stream, several at once, and their outputs printed one line each, in input
+    /// order (a failed command's line is empty, and its error goes to stderr with its line
+    /// number). Commands in flight together are not ordered among themselves: with
+    /// --in-flight 1 they apply in input order.
+    #[arg(long, conflicts_with_all = ["command", "client_id"])]
+    stdin: bool,
+    /// With --stdin: how many commands may be in flight at once.
+    #[arg(long, default_value_t = 64, requires = "stdin", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    in_flight: u32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -96,8 +107,18 @@ pub async fn exec(args: ExecArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let command = match (args.command, args.stdin) {
+        (_, true) => {
+            return super::exec_lines::run(client, args.tenant, args.in_flight as usize).await
+        }
+        (Some(command), false) => command,
+        (None, false) => {
+            eprintln!("error: give a command, or --stdin");
+            return ExitCode::from(2);
+        }
+    };
     match client
-        .exec(&args.tenant, args.command.into_bytes(), session)
+        .exec(&args.tenant, command.into_bytes(), session)
         .await
     {
         Ok(resp) => finish(

@@ -10,6 +10,7 @@ mod certs;
 mod config;
 mod digest;
 mod exec;
+mod exec_lines;
 mod leader;
 mod limits;
 mod member;
