@@ -63,6 +63,9 @@ run exec --endpoints $F --tenant demo '{"op":"put","key":"greeting","value":"hel
 run exec --endpoints $F --tenant demo '{"op":"cas","key":"color","expect":null,"value":"blue"}'
 run exec --endpoints $F --tenant demo --client-id demo-client --seq 1 '{"op":"put","key":"once","value":"1"}'
 run exec --endpoints $F --tenant demo --client-id demo-client --seq 1 '{"op":"put","key":"once","value":"1"}'
+echo "\$ printf '<three puts>' | wraft exec --tenant demo --stdin   (many commands on one stream)"
+printf '%s\n' '{"op":"put","key":"fruit/1","value":"apple"}' '{"op":"put","key":"fruit/2","value":"pear"}' \
+  '{"op":"put","key":"fruit/1","value":"quince"}' | "$wraft" exec --endpoints $F --tenant demo --stdin --in-flight 1
 run query --endpoints $F --tenant demo '{"op":"get","key":"greeting"}'
 run query --endpoints $F --tenant demo --consistency stale '{"op":"scan","prefix":""}'
 echo "\$ wraft exec --tenant demo 'not json'   (the module's own error: exit 3)"
