@@ -12,7 +12,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use wraft_proto::client::wraft_client::WraftClient;
 use wraft_tests::api::{Role, StatusRequest, StatusResponse};
 use wraft_tests::cluster::ClusterOptions;
-use wraft_tests::{plugin_path, run_cli, wait_until, Cluster, NodeId, LEADER_TIMEOUT};
+use wraft_tests::{
+    plugin_path, run_cli, run_cli_with_input, wait_until, Cluster, NodeId, LEADER_TIMEOUT,
+};
 
 /// Runs `wraft certs --out DIR --nodes N` and returns DIR.
 async fn make_certs(dir: &Path, name: &str, nodes: u32) -> PathBuf {
@@ -156,6 +158,13 @@ async fn tls_cluster_end_to_end() {
     let out = run_cli(&args, &[]).await;
     out.expect_code(0, "linearizable query over TLS through a follower");
     assert_eq!(out.json(), json!({"value": "v"}), "{out}");
+    // Many commands on one `Pipeline` stream, over the same mutual TLS.
+    let args = cli(&["exec", "--tenant", "kv", "--stdin"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let input = "{\"op\":\"put\",\"key\":\"p1\",\"value\":\"1\"}\n{\"op\":\"put\",\"key\":\"k\",\"value\":\"w\"}\n";
+    let out = run_cli_with_input(&args, &[], input.as_bytes()).await;
+    out.expect_code(0, "exec --stdin over TLS");
+    assert_eq!(out.stdout, "{\"prev\":null}\n{\"prev\":\"v\"}\n", "{out}");
 
     // The same options from the environment.
     let env = [
