@@ -92,3 +92,115 @@ impl Pipeline {
         answer
     }
 }
+
+/// A `Pipeline` client that stands in for unary calls, one call at a time: each answer comes
+/// back as the unary call's result would (a failure as a status with its `wraft-outcome`), and a
+/// broken stream, or no answer within the caller's backstop, as a status without an outcome,
+/// like a broken connection. The stream is then opened again for the next call. Nothing here
+/// panics on a slow or dead node: fault tests use it.
+pub struct PipelineCaller {
+    client: Client,
+    open: Option<(
+        mpsc::UnboundedSender<PipelineRequest>,
+        tonic::Streaming<PipelineResponse>,
+    )>,
+    next_id: u64,
+}
+
+impl PipelineCaller {
+    pub fn new(client: Client) -> Self {
+        PipelineCaller {
+            client,
+            open: None,
+            next_id: 0,
+        }
+    }
+
+    /// An `Exec` on the stream, answered as the unary `Exec` would be.
+    pub async fn exec(
+        &mut self,
+        request: wraft_proto::client::ExecRequest,
+        backstop: std::time::Duration,
+    ) -> Result<tonic::Response<wraft_proto::client::ExecResponse>, tonic::Status> {
+        match self.call(Call::Exec(request), backstop).await? {
+            Answer::Exec(resp) => Ok(tonic::Response::new(resp)),
+            other => Err(tonic::Status::internal(format!("wrong answer: {other:?}"))),
+        }
+    }
+
+    /// A `Query` on the stream, answered as the unary `Query` would be.
+    pub async fn query(
+        &mut self,
+        request: wraft_proto::client::QueryRequest,
+        backstop: std::time::Duration,
+    ) -> Result<tonic::Response<wraft_proto::client::QueryResponse>, tonic::Status> {
+        match self.call(Call::Query(request), backstop).await? {
+            Answer::Query(resp) => Ok(tonic::Response::new(resp)),
+            other => Err(tonic::Status::internal(format!("wrong answer: {other:?}"))),
+        }
+    }
+
+    async fn call(
+        &mut self,
+        call: Call,
+        backstop: std::time::Duration,
+    ) -> Result<Answer, tonic::Status> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let answered = tokio::time::timeout(backstop, async {
+            if self.open.is_none() {
+                let (calls, outgoing) = mpsc::unbounded_channel();
+                let request = tonic::Request::new(UnboundedReceiverStream::new(outgoing));
+                let answers = self.client.pipeline(request).await?.into_inner();
+                self.open = Some((calls, answers));
+            }
+            let Some((calls, answers)) = self.open.as_mut() else {
+                return Err(tonic::Status::unavailable("no stream"));
+            };
+            calls
+                .send(PipelineRequest {
+                    id,
+                    call: Some(call),
+                })
+                .map_err(|_| tonic::Status::unavailable("the stream closed"))?;
+            loop {
+                match answers.message().await? {
+                    Some(PipelineResponse {
+                        id: got,
+                        answer: Some(answer),
+                    }) if got == id => return Ok(answer),
+                    Some(PipelineResponse { id: got, .. }) if got == id => {
+                        return Err(tonic::Status::internal("an empty answer"))
+                    }
+                    // A late answer to an earlier call (cannot happen: the stream is dropped
+                    // after a timeout), skipped all the same.
+                    Some(_) => continue,
+                    None => return Err(tonic::Status::unavailable("the node ended the stream")),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer (client side)")));
+        match answered {
+            Ok(Answer::Failure(f)) => {
+                let mut metadata = tonic::metadata::MetadataMap::new();
+                if let Ok(value) = f.outcome.parse() {
+                    if !f.outcome.is_empty() {
+                        metadata.insert("wraft-outcome", value);
+                    }
+                }
+                Err(tonic::Status::with_metadata(
+                    tonic::Code::from_i32(f.code),
+                    f.message,
+                    metadata,
+                ))
+            }
+            Ok(answer) => Ok(answer),
+            Err(status) => {
+                // Whatever broke, the next call starts on a fresh stream.
+                self.open = None;
+                Err(status)
+            }
+        }
+    }
+}

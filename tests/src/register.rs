@@ -9,6 +9,7 @@ use serde_json::json;
 use crate::cluster::{exec_request, Client};
 use crate::history::History;
 use crate::linearizability::{Op, Outcome, Ret};
+use crate::pipeline::PipelineCaller;
 use crate::{ExecOutcome, NodeId};
 
 /// Deadlines of one call: `timeout` goes to the server with the request, `backstop` bounds the
@@ -19,7 +20,13 @@ pub struct Deadlines {
     pub backstop: Duration,
 }
 
-/// Runs a put or cas through `client` (connected to `node`) on `tenant`, records it, and
+/// How a write reaches its node: a unary call, or a call on a `Pipeline` stream.
+pub enum Via<'a> {
+    Unary(&'a mut Client),
+    Pipeline(&'a mut PipelineCaller),
+}
+
+/// Runs a put or cas through `via` (connected to `node`) on `tenant`, records it, and
 /// returns its outcome and applied index. `Err` carries a module error: kv rejects none of
 /// these commands, so that is a broken promise for the caller to report (the history has it as
 /// unknown).
@@ -27,7 +34,7 @@ pub struct Deadlines {
 pub async fn write(
     history: &History,
     process: u64,
-    client: &mut Client,
+    via: Via<'_>,
     node: NodeId,
     tenant: &str,
     key: &str,
@@ -49,7 +56,13 @@ pub async fn write(
     ));
     request.set_timeout(deadlines.timeout);
     let inv = history.invoke(process, key, op.clone());
-    let result = tokio::time::timeout(deadlines.backstop, client.exec(request)).await;
+    let result = match via {
+        Via::Unary(client) => tokio::time::timeout(deadlines.backstop, client.exec(request)).await,
+        Via::Pipeline(pipe) => {
+            // The caller bounds its own wait by the backstop (a late answer is a status).
+            Ok(pipe.exec(request.into_inner(), deadlines.backstop).await)
+        }
+    };
     let mut broken = None;
     let (outcome, index, note) = match result {
         Err(_) => (Outcome::Unknown, None, format!("node {node}: no answer")),

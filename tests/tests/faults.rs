@@ -571,7 +571,7 @@ mod membership_faults {
         match wraft_tests::register::write(
             history,
             process,
-            &mut client,
+            wraft_tests::register::Via::Unary(&mut client),
             node,
             REGISTERS,
             key,

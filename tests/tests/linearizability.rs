@@ -1,6 +1,7 @@
 //! Linearizability of the kv plugin's registers under faults, checked from client histories.
 //!
-//! Clients run `put` / `get` (LINEARIZABLE) / `cas` on a few hot keys through random nodes while
+//! Clients run `put` / `get` (LINEARIZABLE) / `cas` on a few hot keys through random nodes (every
+//! other client on `Pipeline` streams, the rest with unary calls) while
 //! a seeded scheduler injects faults: SIGKILL and restart, SIGSTOP/SIGCONT, cut and blackholed
 //! peer links (proxies on every directed link), delays, flaky links. Every call is recorded with
 //! its outcome (ok / fail when `wraft-outcome: definite` / unknown otherwise) and the history is
@@ -25,6 +26,7 @@ use wraft_tests::api::{Consistency, QueryRequest};
 use wraft_tests::cluster::{Client, ClusterOptions};
 use wraft_tests::history::History;
 use wraft_tests::linearizability::{check, CheckError, Op, Outcome, Ret};
+use wraft_tests::pipeline::PipelineCaller;
 use wraft_tests::{faults, register};
 use wraft_tests::{wait_until, within, Cluster, NodeId, QueryOutcome};
 
@@ -99,7 +101,7 @@ fn save_logs(cluster: &Cluster, history_file: &std::path::Path) {
 async fn exec_recorded(
     history: &History,
     process: u64,
-    client: &mut Client,
+    caller: &mut Caller,
     node: NodeId,
     key: &str,
     op: Op,
@@ -108,7 +110,11 @@ async fn exec_recorded(
         timeout: CALL_TIMEOUT,
         backstop: CALL_BACKSTOP,
     };
-    register::write(history, process, client, node, TENANT, key, op, deadlines)
+    let via = match caller {
+        Caller::Unary(client) => register::Via::Unary(client),
+        Caller::Pipeline(pipe) => register::Via::Pipeline(pipe),
+    };
+    register::write(history, process, via, node, TENANT, key, op, deadlines)
         .await
         .unwrap_or_else(|broken| panic!("{broken}"))
 }
@@ -117,18 +123,24 @@ async fn exec_recorded(
 async fn get_recorded(
     history: &History,
     process: u64,
-    client: &mut Client,
+    caller: &mut Caller,
     node: NodeId,
     key: &str,
 ) -> Outcome {
-    let mut request = tonic::Request::new(QueryRequest {
+    let query = QueryRequest {
         tenant: TENANT.into(),
         query: json!({"op": "get", "key": key}).to_string().into_bytes(),
         consistency: Consistency::Linearizable as i32,
-    });
-    request.set_timeout(CALL_TIMEOUT);
+    };
     let inv = history.invoke(process, key, Op::Get);
-    let result = tokio::time::timeout(CALL_BACKSTOP, client.query(request)).await;
+    let result = match caller {
+        Caller::Unary(client) => {
+            let mut request = tonic::Request::new(query);
+            request.set_timeout(CALL_TIMEOUT);
+            tokio::time::timeout(CALL_BACKSTOP, client.query(request)).await
+        }
+        Caller::Pipeline(pipe) => Ok(pipe.query(query, CALL_BACKSTOP).await),
+    };
     let (outcome, note) = match result {
         Err(_) => (Outcome::Fail, format!("node {node}: no answer")),
         Ok(result) => match QueryOutcome::from_result(result) {
@@ -147,6 +159,13 @@ async fn get_recorded(
     outcome
 }
 
+/// How a workload client reaches a node: unary calls, or calls on a `Pipeline` stream (each
+/// answered as its unary call would be, so both are recorded alike).
+enum Caller {
+    Unary(Client),
+    Pipeline(Box<PipelineCaller>),
+}
+
 /// Which nodes a workload client may use for which calls.
 #[derive(Clone)]
 struct Targets {
@@ -159,11 +178,26 @@ struct Targets {
 async fn client_loop(
     id: u64,
     seed: u64,
-    mut targets: Targets,
+    targets: Targets,
     history: Arc<History>,
     stop: Arc<AtomicBool>,
 ) -> u64 {
     let mut rng = StdRng::seed_from_u64(seed ^ (id + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
+    // Every other client speaks through `Pipeline` streams (one per node), the rest unary.
+    let callers = |targets: Vec<(NodeId, Client)>| -> Vec<(NodeId, Caller)> {
+        targets
+            .into_iter()
+            .map(|(node, client)| match id % 2 {
+                1 => (
+                    node,
+                    Caller::Pipeline(Box::new(PipelineCaller::new(client))),
+                ),
+                _ => (node, Caller::Unary(client)),
+            })
+            .collect()
+    };
+    let mut writes = callers(targets.writes);
+    let mut reads = callers(targets.reads);
     // A process that saw an unknown outcome is retired (Jepsen style): the next calls are a new
     // process, since the old one's call may still be in flight.
     let mut generation = 0u64;
@@ -177,9 +211,9 @@ async fn client_loop(
         let value = format!("c{id}-{n}");
         let roll = rng.random_range(0..10);
         let outcome = if roll < 4 {
-            let i = rng.random_range(0..targets.reads.len());
-            let (node, client) = &mut targets.reads[i];
-            get_recorded(&history, process, client, *node, key).await
+            let i = rng.random_range(0..reads.len());
+            let (node, caller) = &mut reads[i];
+            get_recorded(&history, process, caller, *node, key).await
         } else {
             let op = if roll < 7 {
                 Op::Put { value }
@@ -192,9 +226,9 @@ async fn client_loop(
                 };
                 Op::Cas { expect, value }
             };
-            let i = rng.random_range(0..targets.writes.len());
-            let (node, client) = &mut targets.writes[i];
-            exec_recorded(&history, process, client, *node, key, op)
+            let i = rng.random_range(0..writes.len());
+            let (node, caller) = &mut writes[i];
+            exec_recorded(&history, process, caller, *node, key, op)
                 .await
                 .0
         };
@@ -219,9 +253,9 @@ async fn final_read(history: &History, cluster: &Cluster, process: u64, node: No
         Duration::from_secs(60),
         &format!("a linearizable read of {key} through node {node} after healing"),
         || {
-            let mut client = client.clone();
+            let mut caller = Caller::Unary(client.clone());
             async move {
-                match get_recorded(history, process, &mut client, node, key).await {
+                match get_recorded(history, process, &mut caller, node, key).await {
                     Outcome::Ok(_) => Ok(()),
                     other => Err(format!("{other:?}")),
                 }
@@ -308,11 +342,21 @@ async fn register_linearizable_under_faults() {
         counts.ok, counts.fail, counts.unknown, digest.index, digest.state_hash
     );
     println!("fault schedule:\n{}", history.fault_schedule());
-    // A run in which (almost) nothing succeeded proves nothing.
+    // A run in which (almost) nothing succeeded proves nothing, for either kind of client.
     assert!(
         counts.ok >= 100,
         "only {} operations succeeded (seed {seed}); the workload did not exercise the cluster",
         counts.ok
+    );
+    let pipelined_ok = history
+        .operations()
+        .iter()
+        .filter(|o| (o.process / 10_000) % 2 == 1 && matches!(o.outcome, Outcome::Ok(_)))
+        .count();
+    println!("of them through Pipeline streams: {pipelined_ok}");
+    assert!(
+        pipelined_ok >= 50,
+        "only {pipelined_ok} operations succeeded through Pipeline streams (seed {seed})"
     );
     // Raft's own invariants, from every role change the nodes logged during the run.
     let logs: Vec<(u64, String)> = ids.iter().map(|&id| (id, cluster.log(id))).collect();
@@ -379,7 +423,7 @@ async fn checker_catches_stale_reads() {
         match exec_recorded(
             &history,
             process,
-            &mut writer.clone(),
+            &mut Caller::Unary(writer.clone()),
             leader,
             &probe_key,
             op,
@@ -433,7 +477,7 @@ async fn checker_catches_stale_reads() {
         Duration::from_secs(60),
         &format!("a read of {probe_key} through isolated node {victim}"),
         || {
-            let mut reader = reader.clone();
+            let mut reader = Caller::Unary(reader.clone());
             let history = &history;
             async move {
                 match get_recorded(history, process, &mut reader, victim, probe_key).await {
@@ -511,7 +555,7 @@ async fn put_until_ok(
             } else {
                 format!("{value}-retry{n}")
             };
-            let mut client = client.clone();
+            let mut client = Caller::Unary(client.clone());
             async move {
                 let op = Op::Put { value };
                 match exec_recorded(history, process + n, &mut client, node, key, op).await {
